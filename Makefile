@@ -1,0 +1,44 @@
+# One entry point for set-up, running, tests and benchmarks. Every target creates .venv
+# (with the CPU torch 2.13.0 wheel first, so pip never pulls a multi-GB CUDA build).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+TORCH_VERSION ?= 2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: setup run test test-slow lint bench crd clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q -e '.[trainer,operator,dev]'
+	touch $@
+
+setup: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/sgdjob run examples/digits-sync.yaml
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check trainer operator tests bench
+	$(VENV)/bin/ruff format --check trainer operator tests bench
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+
+test: lint
+	$(PY) -m pytest -m "not slow and not netns" $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -m "slow" $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) -m bench
+
+crd: $(STAMP)
+	$(VENV)/bin/sgdjob crd > crds/sgdjob.dev_sgdjobs.yaml
+
+clean:
+	rm -rf $(VENV) runs bench/results .pytest_cache .mypy_cache .ruff_cache

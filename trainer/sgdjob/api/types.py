@@ -1,0 +1,180 @@
+"""SGDJob API types: the pydantic model of `sgdjob.dev/v1alpha1` `SGDJob`.
+
+Field names are camelCase on the wire (YAML/JSON) and snake_case in Python. Every model
+forbids unknown fields so that a typo is an error naming its path, never a silently ignored
+setting. Only fields whose feature works end to end exist here; cross-field rules live in
+``validation`` and derived values in ``defaults``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+API_GROUP = "sgdjob.dev"
+API_VERSION_NAME = "v1alpha1"
+API_VERSION = f"{API_GROUP}/{API_VERSION_NAME}"
+KIND = "SGDJob"
+PLURAL = "sgdjobs"
+SINGULAR = "sgdjob"
+SHORT_NAME = "sgdj"
+
+# Pod names are `<job>-worker-<i>` and must stay a DNS-1123 label (<= 63 chars).
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+ENTRY_POINT = r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$"
+
+
+class Strict(BaseModel):
+    """Base for every API object: camelCase aliases, no unknown fields, immutable."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        populate_by_name=True,
+        alias_generator=to_camel,
+        frozen=True,
+        validate_default=True,
+    )
+
+
+class ModelSpec(Strict):
+    """Which network to train: a built-in or a user `module:function` entry point."""
+
+    builtin: Literal["mlp"] | None = Field(
+        default=None, description="Built-in model; `mlp` is a ReLU multilayer perceptron."
+    )
+    hidden: list[int] = Field(
+        default_factory=lambda: [64],
+        description="Hidden layer widths of the built-in MLP.",
+        max_length=16,
+    )
+    entry_point: str | None = Field(
+        default=None,
+        pattern=ENTRY_POINT,
+        description="`module:function` called as fn(input_dim=..., num_classes=..., **kwargs) "
+        "and returning a torch.nn.Module.",
+    )
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments passed to the entry point."
+    )
+
+
+class TeacherSpec(Strict):
+    """The synthetic teacher-student task: labels are the argmax of a fixed random MLP."""
+
+    input_dim: int = Field(default=64, ge=1, le=1 << 16)
+    hidden_dim: int = Field(default=128, ge=1, le=1 << 16)
+    classes: int = Field(default=10, ge=2, le=1 << 12)
+    train_samples: int = Field(default=8192, ge=16, le=1 << 24)
+    test_samples: int = Field(default=2048, ge=16, le=1 << 22)
+
+
+class DataSpec(Strict):
+    """Which data to train on: a built-in data set or a user entry point."""
+
+    builtin: Literal["digits", "teacher"] | None = Field(
+        default=None,
+        description="`digits`: sklearn's 8x8 digits; `teacher`: synthetic teacher-student task.",
+    )
+    test_fraction: float = Field(
+        default=0.25, gt=0.0, lt=1.0, description="Held-out fraction for `digits`."
+    )
+    teacher: TeacherSpec = Field(default_factory=TeacherSpec)
+    entry_point: str | None = Field(
+        default=None,
+        pattern=ENTRY_POINT,
+        description="`module:function` called as fn(seed=..., **kwargs) and returning an "
+        "sgdjob.data.Dataset (train/test tensors and the number of classes).",
+    )
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class TrainingSpec(Strict):
+    """The optimisation: how the shards combine gradients and the SGD hyper-parameters."""
+
+    mode: Literal["sync"] = Field(
+        default="sync",
+        description="`sync`: each shard averages every worker's gradient for a step, then applies.",
+    )
+    max_steps: int | None = Field(
+        default=None, ge=1, le=1 << 40, description="Steps per worker (one batch each)."
+    )
+    epochs: int | None = Field(
+        default=None, ge=1, le=1 << 20, description="Passes of each worker over its data shard."
+    )
+    batch_size: int = Field(default=32, ge=1, le=1 << 20, description="Per-worker batch size.")
+    lr: float = Field(default=0.05, gt=0.0, le=1e4, description="Learning rate.")
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(default=0.0, ge=0.0, le=1.0)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    eval_interval: int = Field(
+        default=50, ge=1, description="Held-out evaluation every this many steps."
+    )
+
+
+class ParameterServersSpec(Strict):
+    """The parameter-server shards: each owns one contiguous slice of the flat vector."""
+
+    shards: int = Field(default=1, ge=1, le=256)
+    port: int = Field(default=5555, ge=1024, le=65535, description="ZeroMQ port in pods.")
+    status_port: int = Field(
+        default=8080, ge=1024, le=65535, description="Coordinator HTTP /status and /metrics."
+    )
+
+
+class WorkersSpec(Strict):
+    """The workers: each trains a model replica on a disjoint data shard."""
+
+    replicas: int = Field(default=1, ge=1, le=4096)
+    gpus: int = Field(
+        default=0, ge=0, le=16, description="GPUs per worker; CUDA is used when present."
+    )
+    threads: int = Field(
+        default=1, ge=1, le=256, description="torch intra-op threads per worker process."
+    )
+
+
+class OutputSpec(Strict):
+    """Where the final model, metrics.jsonl, summary.json and the curve are written."""
+
+    directory: str | None = Field(
+        default=None,
+        max_length=4096,
+        description="Defaults to `runs/<name>` locally and `/output` in pods.",
+    )
+
+
+class SGDJobSpec(Strict):
+    """What to train and how: the `spec` of an SGDJob."""
+
+    model: ModelSpec
+    data: DataSpec
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    parameter_servers: ParameterServersSpec = Field(default_factory=ParameterServersSpec)
+    workers: WorkersSpec = Field(default_factory=WorkersSpec)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+
+
+class ObjectMeta(Strict):
+    """The part of Kubernetes ObjectMeta that a job file may carry."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+
+    name: str = Field(min_length=1, max_length=40, pattern=DNS_LABEL)
+    namespace: str | None = Field(default=None, max_length=63, pattern=DNS_LABEL)
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class SGDJob(Strict):
+    """A whole SGDJob document as written by a user."""
+
+    model_config = ConfigDict(
+        extra="forbid", populate_by_name=True, frozen=True, validate_default=True
+    )
+
+    api_version: Literal["sgdjob.dev/v1alpha1"] = Field(alias="apiVersion")
+    kind: Literal["SGDJob"]
+    metadata: ObjectMeta
+    spec: SGDJobSpec

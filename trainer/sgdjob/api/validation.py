@@ -1,0 +1,137 @@
+"""SGDJob validation: parse a document, check every field and every cross-field rule.
+
+Every problem is reported with the dotted path of the field it concerns, e.g.
+``spec.training.lr: must be greater than 0``. ``SpecError`` carries all of them at once so a
+user fixes a file in one round. Nothing here has side effects.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from sgdjob.api.types import SGDJob, SGDJobSpec
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One invalid field: where it is and what is wrong with it."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+class SpecError(ValueError):
+    """An SGDJob (or its spec) is invalid; ``problems`` names every bad field."""
+
+    def __init__(self, problems: Iterable[Problem]) -> None:
+        self.problems = list(problems)
+        super().__init__("; ".join(str(p) for p in self.problems))
+
+    @property
+    def paths(self) -> list[str]:
+        return [p.path for p in self.problems]
+
+
+def _loc_to_path(prefix: str, loc: tuple[int | str, ...]) -> str:
+    parts = [prefix] if prefix else []
+    for item in loc:
+        if isinstance(item, int):
+            if parts:
+                parts[-1] = f"{parts[-1]}[{item}]"
+            else:
+                parts.append(f"[{item}]")
+        else:
+            parts.append(str(item))
+    return ".".join(parts) or "<document>"
+
+
+def _from_validation_error(err: ValidationError, prefix: str) -> SpecError:
+    problems = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        problems.append(Problem(_loc_to_path(prefix, loc), msg))
+    return SpecError(problems)
+
+
+def cross_field_problems(spec: SGDJobSpec, prefix: str = "spec") -> list[Problem]:
+    """Rules that involve more than one field; per-field bounds live on the types."""
+    out: list[Problem] = []
+    for name, sub in (("model", spec.model), ("data", spec.data)):
+        if (sub.builtin is None) == (sub.entry_point is None):
+            out.append(
+                Problem(f"{prefix}.{name}", "set exactly one of `builtin` and `entryPoint`")
+            )
+    if any(h < 1 or h > 1 << 16 for h in spec.model.hidden):
+        out.append(Problem(f"{prefix}.model.hidden", "every width must be in 1..65536"))
+    t = spec.training
+    if (t.max_steps is None) == (t.epochs is None):
+        out.append(Problem(f"{prefix}.training", "set exactly one of `maxSteps` and `epochs`"))
+    return out
+
+
+def validate_spec(raw: Mapping[str, Any], prefix: str = "spec") -> SGDJobSpec:
+    """Validate a bare spec mapping (as the operator receives it from the API server)."""
+    try:
+        spec = SGDJobSpec.model_validate(raw)
+    except ValidationError as err:
+        raise _from_validation_error(err, prefix) from None
+    problems = cross_field_problems(spec, prefix)
+    if problems:
+        raise SpecError(problems)
+    return spec
+
+
+def parse_job(doc: Any) -> SGDJob:
+    """Validate a whole SGDJob document already decoded from YAML or JSON."""
+    if not isinstance(doc, Mapping):
+        raise SpecError([Problem("<document>", "expected a mapping with apiVersion/kind/spec")])
+    try:
+        job = SGDJob.model_validate(doc)
+    except ValidationError as err:
+        raise _from_validation_error(err, "") from None
+    problems = cross_field_problems(job.spec)
+    if problems:
+        raise SpecError(problems)
+    return job
+
+
+def load_job(path: str | Path) -> SGDJob:
+    """Read, parse and validate one SGDJob file (YAML or JSON)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as err:
+        raise SpecError([Problem(str(p), f"cannot read file: {err.strerror or err}")]) from None
+    return parse_job_text(text, source=str(p))
+
+
+def parse_job_text(text: str, *, source: str = "<input>") -> SGDJob:
+    """Parse YAML/JSON text holding exactly one SGDJob document."""
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        problem = getattr(err, "problem", None) or str(err)
+        raise SpecError([Problem(where, f"invalid YAML: {problem}")]) from None
+    if len(docs) != 1:
+        raise SpecError([Problem(source, f"expected one SGDJob document, found {len(docs)}")])
+    return parse_job(docs[0])
+
+
+def spec_to_json(spec: SGDJobSpec) -> str:
+    """The canonical JSON of a spec (camelCase), as mounted into every replica."""
+    return json.dumps(spec.model_dump(mode="json", by_alias=True), sort_keys=True)

@@ -1,0 +1,105 @@
+"""The process contract: what an executor tells a trainer process, as environment variables.
+
+A Kubernetes pod and a local child process get exactly the same variables; this module is the
+only place that names them. ``sgdjob trainer`` reads them (command-line flags may override),
+the operator's manifests and the local launcher write them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+ENV_ROLE = "SGDJOB_ROLE"  # "ps" or "worker"
+ENV_INDEX = "SGDJOB_INDEX"  # shard index k or worker index i
+ENV_JOB_NAME = "SGDJOB_JOB_NAME"
+ENV_SPEC = "SGDJOB_SPEC"  # path of the validated spec as JSON (camelCase)
+ENV_SHARD_ADDRS = "SGDJOB_SHARD_ADDRS"  # comma-separated ZeroMQ endpoints, shard 0 first
+ENV_BIND = "SGDJOB_BIND"  # shard: ZeroMQ endpoint to bind, port 0 picks a free one
+ENV_STATUS_BIND = "SGDJOB_STATUS_BIND"  # shard 0: host:port for /status and /metrics
+ENV_TOKEN = "SGDJOB_TOKEN"  # job token carried in every message header
+ENV_OUTPUT = "SGDJOB_OUTPUT"  # output directory (model, metrics, summary)
+ENV_READY_FILE = "SGDJOB_READY_FILE"  # optional: a shard writes its bound ports here
+
+Role = Literal["ps", "worker"]
+ROLES: tuple[Role, ...] = ("ps", "worker")
+
+
+class ContractError(ValueError):
+    """A required variable is missing or malformed; the message names it."""
+
+
+@dataclass(frozen=True)
+class ProcessContract:
+    """Everything a trainer process needs besides the spec itself."""
+
+    role: Role
+    index: int
+    job_name: str
+    spec_path: str
+    token: str
+    output_dir: str
+    shard_addrs: tuple[str, ...] = ()
+    bind: str = ""
+    status_bind: str = ""
+    ready_file: str = ""
+
+    def to_env(self) -> dict[str, str]:
+        env = {
+            ENV_ROLE: self.role,
+            ENV_INDEX: str(self.index),
+            ENV_JOB_NAME: self.job_name,
+            ENV_SPEC: self.spec_path,
+            ENV_TOKEN: self.token,
+            ENV_OUTPUT: self.output_dir,
+            ENV_SHARD_ADDRS: ",".join(self.shard_addrs),
+        }
+        for key, value in (
+            (ENV_BIND, self.bind),
+            (ENV_STATUS_BIND, self.status_bind),
+            (ENV_READY_FILE, self.ready_file),
+        ):
+            if value:
+                env[key] = value
+        return env
+
+
+def _need(env: Mapping[str, str], key: str) -> str:
+    value = env.get(key, "")
+    if not value:
+        raise ContractError(f"{key} is not set")
+    return value
+
+
+def from_env(env: Mapping[str, str] | None = None) -> ProcessContract:
+    """Read the contract from the environment, naming the first bad variable."""
+    env = os.environ if env is None else env
+    role = _need(env, ENV_ROLE)
+    if role not in ROLES:
+        raise ContractError(f"{ENV_ROLE} must be one of {', '.join(ROLES)}, not {role!r}")
+    raw_index = _need(env, ENV_INDEX)
+    try:
+        index = int(raw_index)
+    except ValueError:
+        raise ContractError(f"{ENV_INDEX} must be an integer, not {raw_index!r}") from None
+    if index < 0:
+        raise ContractError(f"{ENV_INDEX} must be >= 0, not {index}")
+    addrs = tuple(a for a in env.get(ENV_SHARD_ADDRS, "").split(",") if a)
+    if role == "worker" and not addrs:
+        raise ContractError(f"{ENV_SHARD_ADDRS} is not set")
+    if role == "ps" and not env.get(ENV_BIND):
+        raise ContractError(f"{ENV_BIND} is not set")
+    return ProcessContract(
+        role=role,  # type: ignore[arg-type]
+        index=index,
+        job_name=_need(env, ENV_JOB_NAME),
+        spec_path=_need(env, ENV_SPEC),
+        token=_need(env, ENV_TOKEN),
+        output_dir=_need(env, ENV_OUTPUT),
+        shard_addrs=addrs,
+        bind=env.get(ENV_BIND, ""),
+        status_bind=env.get(ENV_STATUS_BIND, ""),
+        ready_file=env.get(ENV_READY_FILE, ""),
+    )
