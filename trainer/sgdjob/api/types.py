@@ -93,9 +93,33 @@ class DataSpec(Strict):
 class TrainingSpec(Strict):
     """The optimisation: how the shards combine gradients and the SGD hyper-parameters."""
 
-    mode: Literal["sync"] = Field(
+    mode: Literal["sync", "async", "downpour"] = Field(
         default="sync",
-        description="`sync`: each shard averages every worker's gradient for a step, then applies.",
+        description="`sync`: each shard averages the step's gradients, then applies; `async`: "
+        "a shard applies each gradient on arrival; `downpour`: async with local accumulation.",
+    )
+    backup_workers: int = Field(
+        default=0,
+        ge=0,
+        le=4096,
+        description="sync only: extra workers; a step closes on the first `replicas` gradients.",
+    )
+    staleness: Literal["none", "zhang", "odena"] = Field(
+        default="none",
+        description="async/downpour: learning-rate rule for stale gradients (none, lr/max(1,tau), "
+        "or Odena's running-mean scaling).",
+    )
+    max_staleness: int | None = Field(
+        default=None, ge=0, description="async/downpour: drop gradients staler than this."
+    )
+    odena_scale: float = Field(
+        default=1.0, gt=0.0, le=1e6, description="The constant c of the `odena` rule."
+    )
+    fetch_every: int = Field(
+        default=1, ge=1, le=1 << 20, description="downpour: pull parameters every this many steps."
+    )
+    push_every: int = Field(
+        default=1, ge=1, le=1 << 20, description="downpour: push accumulated gradients every n steps."
     )
     max_steps: int | None = Field(
         default=None, ge=1, le=1 << 40, description="Steps per worker (one batch each)."
@@ -135,6 +159,30 @@ class WorkersSpec(Strict):
     )
 
 
+class CompressionSpec(Strict):
+    """Gradient compression on the wire (Seide et al. 2014's 1-bit SGD)."""
+
+    kind: Literal["none", "onebit"] = "none"
+    bucket_size: int = Field(
+        default=512, ge=8, le=1 << 24, description="Elements per bucket (one pair of scales each)."
+    )
+    error_feedback: bool = Field(
+        default=True, description="Keep the quantisation error and add it to the next gradient."
+    )
+    server_to_worker: bool = Field(
+        default=False, description="Also compress the parameter updates the shards send back."
+    )
+
+
+class DebugSpec(Strict):
+    """Knobs for tests and benchmarks only; never set them in production."""
+
+    slow_workers: dict[int, int] = Field(
+        default_factory=dict,
+        description="Straggler knob: worker index -> extra milliseconds slept every step.",
+    )
+
+
 class OutputSpec(Strict):
     """Where the final model, metrics.jsonl, summary.json and the curve are written."""
 
@@ -153,6 +201,8 @@ class SGDJobSpec(Strict):
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     parameter_servers: ParameterServersSpec = Field(default_factory=ParameterServersSpec)
     workers: WorkersSpec = Field(default_factory=WorkersSpec)
+    compression: CompressionSpec = Field(default_factory=CompressionSpec)
+    debug: DebugSpec = Field(default_factory=DebugSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
 
 

@@ -77,8 +77,40 @@ def cross_field_problems(spec: SGDJobSpec, prefix: str = "spec") -> list[Problem
     if any(h < 1 or h > 1 << 16 for h in spec.model.hidden):
         out.append(Problem(f"{prefix}.model.hidden", "every width must be in 1..65536"))
     t = spec.training
+    tp = f"{prefix}.training"
     if (t.max_steps is None) == (t.epochs is None):
-        out.append(Problem(f"{prefix}.training", "set exactly one of `maxSteps` and `epochs`"))
+        out.append(Problem(tp, "set exactly one of `maxSteps` and `epochs`"))
+    if t.backup_workers and t.mode != "sync":
+        out.append(Problem(f"{tp}.backupWorkers", "backup workers exist only in `sync` mode"))
+    if t.backup_workers >= spec.workers.replicas:
+        out.append(
+            Problem(
+                f"{tp}.backupWorkers",
+                f"must be less than workers.replicas ({spec.workers.replicas})",
+            )
+        )
+    if t.mode == "sync":
+        set_fields = t.model_fields_set
+        for name, alias in (
+            ("staleness", "staleness"),
+            ("max_staleness", "maxStaleness"),
+            ("odena_scale", "odenaScale"),
+        ):
+            if name in set_fields and not (name == "staleness" and t.staleness == "none"):
+                out.append(Problem(f"{tp}.{alias}", "staleness rules apply only to async modes"))
+    if t.mode != "downpour":
+        for name, alias in (("fetch_every", "fetchEvery"), ("push_every", "pushEvery")):
+            if getattr(t, name) != 1:
+                out.append(Problem(f"{tp}.{alias}", "only `downpour` mode fetches/pushes lazily"))
+    total = spec.workers.replicas + t.backup_workers
+    for index in spec.debug.slow_workers:
+        if not 0 <= index < total:
+            out.append(
+                Problem(f"{prefix}.debug.slowWorkers.{index}", f"no worker {index} (0..{total - 1})")
+            )
+    for index, ms in spec.debug.slow_workers.items():
+        if not 0 <= ms <= 600_000:
+            out.append(Problem(f"{prefix}.debug.slowWorkers.{index}", "delay must be 0..600000 ms"))
     return out
 
 
