@@ -228,3 +228,40 @@ class SGDJob(Strict):
     kind: Literal["SGDJob"]
     metadata: ObjectMeta
     spec: SGDJobSpec
+
+
+class Condition(BaseModel):
+    """A Kubernetes-style condition on the SGDJob status."""
+
+    model_config = ConfigDict(populate_by_name=True, alias_generator=to_camel, frozen=True)
+
+    type: Literal["Created", "Running", "Restarting", "Succeeded", "Failed"]
+    status: Literal["True", "False", "Unknown"]
+    reason: str = ""
+    message: str = ""
+    last_transition_time: str | None = None
+
+
+class SGDJobStatus(BaseModel):
+    """The `status` subresource the operator writes (read by `kubectl get sgdj`)."""
+
+    model_config = ConfigDict(populate_by_name=True, alias_generator=to_camel, frozen=True)
+
+    phase: Literal["Pending", "Running", "Succeeded", "Failed"] = "Pending"
+    conditions: list[Condition] = Field(default_factory=list)
+    message: str = ""
+    step: int = 0
+    total_steps: int | None = None
+    loss: float | None = None
+    accuracy: float | None = None
+    samples_per_second: float | None = None
+    ready_shards: int = 0
+    ready_workers: int = 0
+    restarts: int = Field(default=0, description="Total restarts of all replicas.")
+    replica_restarts: dict[str, int] = Field(
+        default_factory=dict, description="Restarts per replica, e.g. `worker-1`."
+    )
+    replaced_stragglers: int = 0
+    start_time: str | None = None
+    completion_time: str | None = None
+    observed_generation: int | None = None
