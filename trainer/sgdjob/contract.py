@@ -92,7 +92,7 @@ def from_env(env: Mapping[str, str] | None = None) -> ProcessContract:
     if role == "ps" and not env.get(ENV_BIND):
         raise ContractError(f"{ENV_BIND} is not set")
     return ProcessContract(
-        role=role,  # type: ignore[arg-type]
+        role="ps" if role == "ps" else "worker",
         index=index,
         job_name=_need(env, ENV_JOB_NAME),
         spec_path=_need(env, ENV_SPEC),

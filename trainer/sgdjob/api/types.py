@@ -119,7 +119,10 @@ class TrainingSpec(Strict):
         default=1, ge=1, le=1 << 20, description="downpour: pull parameters every this many steps."
     )
     push_every: int = Field(
-        default=1, ge=1, le=1 << 20, description="downpour: push accumulated gradients every n steps."
+        default=1,
+        ge=1,
+        le=1 << 20,
+        description="downpour: push accumulated gradients every n steps.",
     )
     max_steps: int | None = Field(
         default=None, ge=1, le=1 << 40, description="Steps per worker (one batch each)."

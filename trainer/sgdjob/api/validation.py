@@ -71,9 +71,7 @@ def cross_field_problems(spec: SGDJobSpec, prefix: str = "spec") -> list[Problem
     out: list[Problem] = []
     for name, sub in (("model", spec.model), ("data", spec.data)):
         if (sub.builtin is None) == (sub.entry_point is None):
-            out.append(
-                Problem(f"{prefix}.{name}", "set exactly one of `builtin` and `entryPoint`")
-            )
+            out.append(Problem(f"{prefix}.{name}", "set exactly one of `builtin` and `entryPoint`"))
     if any(h < 1 or h > 1 << 16 for h in spec.model.hidden):
         out.append(Problem(f"{prefix}.model.hidden", "every width must be in 1..65536"))
     t = spec.training
@@ -90,13 +88,14 @@ def cross_field_problems(spec: SGDJobSpec, prefix: str = "spec") -> list[Problem
             )
         )
     if t.mode == "sync":
-        set_fields = t.model_fields_set
-        for name, alias in (
-            ("staleness", "staleness"),
-            ("max_staleness", "maxStaleness"),
-            ("odena_scale", "odenaScale"),
+        # Compared with the defaults, not "was the field set": a round-tripped spec (the
+        # ConfigMap JSON) carries every default explicitly.
+        for alias, is_set in (
+            ("staleness", t.staleness != "none"),
+            ("maxStaleness", t.max_staleness is not None),
+            ("odenaScale", t.odena_scale != 1.0),
         ):
-            if name in set_fields and not (name == "staleness" and t.staleness == "none"):
+            if is_set:
                 out.append(Problem(f"{tp}.{alias}", "staleness rules apply only to async modes"))
     if t.mode != "downpour":
         for name, alias in (("fetch_every", "fetchEvery"), ("push_every", "pushEvery")):
@@ -106,7 +105,9 @@ def cross_field_problems(spec: SGDJobSpec, prefix: str = "spec") -> list[Problem
     for index in spec.debug.slow_workers:
         if not 0 <= index < total:
             out.append(
-                Problem(f"{prefix}.debug.slowWorkers.{index}", f"no worker {index} (0..{total - 1})")
+                Problem(
+                    f"{prefix}.debug.slowWorkers.{index}", f"no worker {index} (0..{total - 1})"
+                )
             )
     for index, ms in spec.debug.slow_workers.items():
         if not 0 <= ms <= 600_000:

@@ -1,0 +1,134 @@
+"""The `sgdjob` command: run, validate, trainer, crd, operator.
+
+Heavy imports (torch, zmq, kopf) happen inside the subcommand that needs them, so the
+operator image (no torch) can run `sgdjob operator` and `sgdjob crd`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from sgdjob.api.defaults import local_output_dir
+from sgdjob.api.validation import SpecError, load_job
+
+EXIT_SPEC = 2
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    try:
+        job = load_job(args.file)
+    except SpecError as err:
+        _print_spec_error(args.file, err)
+        return EXIT_SPEC
+    from sgdjob.launcher import LaunchError, run_local
+    from sgdjob.report import plot_curves, read_metrics, summary_table
+
+    output = local_output_dir(job, args.output).resolve()
+    print(
+        f"sgdjob: running {job.metadata.name} ({job.spec.training.mode}, "
+        f"{job.spec.parameter_servers.shards} shards, {job.spec.workers.replicas} workers) "
+        f"-> {output}",
+        file=sys.stderr,
+    )
+    try:
+        summary = run_local(job, output=output, progress=not args.no_progress)
+    except LaunchError as err:
+        print(f"sgdjob: job {job.metadata.name} failed: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("sgdjob: interrupted; every replica was stopped", file=sys.stderr)
+        return 130
+    png = plot_curves(
+        read_metrics(output / "metrics.jsonl"), output / "curves.png", title=job.metadata.name
+    )
+    print(summary_table(summary, name=job.metadata.name))
+    print(
+        f"  outputs: {output}/model.pt, summary.json, metrics.jsonl"
+        + (f", {png.name}" if png else "")
+    )
+    return 0
+
+
+def _print_spec_error(source: str, err: SpecError) -> None:
+    print(f"sgdjob: invalid SGDJob {source}:", file=sys.stderr)
+    for p in err.problems:
+        print(f"  {p}", file=sys.stderr)
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    try:
+        job = load_job(args.file)
+    except SpecError as err:
+        _print_spec_error(args.file, err)
+        return EXIT_SPEC
+    print(f"{args.file}: valid SGDJob {job.metadata.name}")
+    return 0
+
+
+def _cmd_trainer(args: argparse.Namespace) -> int:
+    from sgdjob.contract import ContractError, from_env
+    from sgdjob.roles import run_role
+
+    try:
+        contract = from_env()
+    except ContractError as err:
+        print(f"sgdjob trainer: {err}", file=sys.stderr)
+        return EXIT_SPEC
+    if args.role or args.index is not None:
+        contract = replace(
+            contract,
+            role=args.role or contract.role,
+            index=contract.index if args.index is None else args.index,
+        )
+    return run_role(contract)
+
+
+def _cmd_crd(args: argparse.Namespace) -> int:
+    from sgdjob.api.crd import render_crd_yaml
+
+    sys.stdout.write(render_crd_yaml())
+    return 0
+
+
+def _cmd_operator(args: argparse.Namespace) -> int:
+    from sgdjob_operator.entry import run_operator
+
+    return run_operator(list(args.operator_args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sgdjob", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a job locally: shards and workers on 127.0.0.1")
+    run.add_argument("file", help="SGDJob YAML file")
+    run.add_argument("--output", type=Path, help="output directory (default runs/<name>)")
+    run.add_argument("--no-progress", action="store_true", help="no live progress line")
+    run.set_defaults(fn=_cmd_run)
+    val = sub.add_parser("validate", help="check an SGDJob file and name every bad field")
+    val.add_argument("file")
+    val.set_defaults(fn=_cmd_validate)
+    tr = sub.add_parser("trainer", help="run one role (the pod entry point; reads SGDJOB_* env)")
+    tr.add_argument("--role", choices=["ps", "worker"])
+    tr.add_argument("--index", type=int)
+    tr.set_defaults(fn=_cmd_trainer)
+    crd = sub.add_parser("crd", help="print the SGDJob CustomResourceDefinition")
+    crd.set_defaults(fn=_cmd_crd)
+    op = sub.add_parser("operator", help="run the Kopf operator", add_help=False)
+    op.add_argument("operator_args", nargs=argparse.REMAINDER)
+    op.set_defaults(fn=_cmd_operator)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    return int(args.fn(args))

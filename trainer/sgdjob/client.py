@@ -1,0 +1,186 @@
+"""A worker's connections to every shard: hello, push, pull, report, done.
+
+One DEALER per shard. Requests go out to all shards before any reply is read, so the shards
+work in parallel. Received parameter frames are copied exactly once, into the caller's flat
+host buffer; outgoing gradient slices are zero-copy views whose trackers are awaited before
+the caller may overwrite the buffer (``wait_sent``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import zmq
+
+from sgdjob.protocol import (
+    DType,
+    ErrorCode,
+    Flags,
+    Header,
+    Op,
+    ProtocolError,
+    Report,
+    check_float32_payload,
+    check_range,
+    parse_header,
+)
+from sgdjob.slicing import Slice, partition
+from sgdjob.transport import Incoming, connect_dealer, frame_array, vector_frames
+
+
+class ShardUnavailable(RuntimeError):
+    """A shard did not answer within the communication timeout."""
+
+
+class ShardRejected(RuntimeError):
+    """A shard answered ERROR: this worker is misconfigured (wrong model, token, ...)."""
+
+
+@dataclass(frozen=True)
+class Welcome:
+    slice: Slice
+    version: int
+    incarnation: int
+    resume_step: int
+
+
+class ShardClient:
+    """The worker's side of the protocol, for all shards at once."""
+
+    def __init__(
+        self,
+        *,
+        ctx: zmq.Context[zmq.Socket[bytes]],
+        addrs: tuple[str, ...],
+        token: bytes,
+        worker: int,
+        timeout_s: float,
+        chunk_bytes: int,
+    ) -> None:
+        self.token = token
+        self.worker = worker
+        self.timeout_ms = int(timeout_s * 1000)
+        self.chunk_bytes = chunk_bytes
+        self.endpoints = [connect_dealer(ctx, a) for a in addrs]
+        self.slices: list[Slice] = []
+        self.incarnations: list[int] = []
+        self.trackers: list[zmq.MessageTracker] = []
+
+    @property
+    def bytes_sent(self) -> int:
+        return sum(e.counters.bytes_sent for e in self.endpoints)
+
+    @property
+    def bytes_received(self) -> int:
+        return sum(e.counters.bytes_received for e in self.endpoints)
+
+    def _header(self, op: Op, shard: int, **kw: object) -> Header:
+        return Header(op=op, token=self.token, worker=self.worker, shard=shard, **kw)  # type: ignore[arg-type]
+
+    def _recv(self, shard: int, expect: Op) -> tuple[Header, Incoming]:
+        ep = self.endpoints[shard]
+        deadline = time.monotonic() + self.timeout_ms / 1000
+        while True:
+            left = int((deadline - time.monotonic()) * 1000)
+            if left <= 0 or not ep.poll(left):
+                raise ShardUnavailable(
+                    f"shard {shard} sent no {expect.name} for {self.timeout_ms / 1000:.0f}s"
+                )
+            msg = ep.recv()
+            if msg is None:
+                continue
+            h = parse_header(msg.header, token=self.token)
+            if h.op == Op.ERROR:
+                raise ShardRejected(f"shard {shard} rejected a request: {h.error.name}")
+            if h.op != expect:
+                raise ProtocolError(ErrorCode.BAD_OP, f"expected {expect.name}, got {h.op.name}")
+            return h, msg
+
+    def hello(self, total_size: int, *, total_steps: int) -> Welcome:
+        """Register with every shard; they learn the model size and the steps per worker."""
+        for k, ep in enumerate(self.endpoints):
+            ep.send(self._header(Op.HELLO, k, step=total_steps, aux=float(total_size)))
+        slices, incs, versions, steps = [], [], [], []
+        for k in range(len(self.endpoints)):
+            h, _ = self._recv(k, Op.WELCOME)
+            slices.append(Slice(shard=k, offset=h.offset, count=h.count))
+            incs.append(h.incarnation)
+            versions.append(h.version)
+            steps.append(h.step)
+        # The shards' slices must tile our vector exactly as we would cut it ourselves.
+        if slices != partition(total_size, len(self.endpoints)):
+            raise ShardRejected(f"shard slices {slices} do not tile {total_size} parameters")
+        self.slices, self.incarnations = slices, incs
+        return Welcome(
+            slice=slices[0], version=min(versions), incarnation=incs[0], resume_step=steps[0]
+        )
+
+    def push(self, grads: np.ndarray, *, versions: list[int], step: int) -> None:
+        """Send each shard its slice of ``grads`` computed on that shard's ``versions[k]``.
+
+        Zero-copy: ``grads`` must not be written until ``wait_sent`` (called by the next push).
+        """
+        self.wait_sent()
+        for k, (ep, s, version) in enumerate(
+            zip(self.endpoints, self.slices, versions, strict=True)
+        ):
+            frames = vector_frames(grads[s.offset : s.end], self.chunk_bytes)
+            h = self._header(
+                Op.PUSH,
+                k,
+                version=version,
+                step=step,
+                offset=s.offset,
+                count=s.count,
+                nbytes=s.count * 4,
+                nframes=len(frames),
+                dtype=DType.FLOAT32,
+            )
+            tracker = ep.send(h, frames, track=True)
+            if tracker is not None:
+                self.trackers.append(tracker)
+
+    def wait_sent(self) -> None:
+        for t in self.trackers:
+            t.wait()
+        self.trackers.clear()
+
+    def pull(
+        self, params: np.ndarray, *, min_version: int, final: bool = False
+    ) -> tuple[list[int], bool]:
+        """Fill ``params`` from every shard; returns (each shard's version, finished)."""
+        flags = Flags.FINISHED if final else Flags.NONE
+        for k, ep in enumerate(self.endpoints):
+            ep.send(self._header(Op.PULL, k, version=min_version, flags=flags))
+        versions, finished = [], True
+        for k, s in enumerate(self.slices):
+            h, msg = self._recv(k, Op.PARAMS)
+            check_range(h, offset=s.offset, count=s.count)
+            if h.count != s.count:
+                raise ProtocolError(ErrorCode.BAD_RANGE, f"shard {k} sent {h.count} elements")
+            check_float32_payload(h, msg.frame_sizes())
+            start = s.offset
+            for frame in msg.frames:
+                arr = frame_array(frame)
+                params[start : start + arr.shape[0]] = arr
+                start += arr.shape[0]
+            versions.append(h.version)
+            finished = finished and bool(h.flags & Flags.FINISHED)
+        return versions, finished
+
+    def report(self, report: Report) -> None:
+        payload = report.pack()
+        self.endpoints[0].send(
+            self._header(Op.REPORT, 0, step=report.step, nbytes=len(payload), nframes=1), [payload]
+        )
+
+    def done(self) -> None:
+        self.wait_sent()
+        for k, ep in enumerate(self.endpoints):
+            ep.send(self._header(Op.DONE, k))
+
+    def close(self) -> None:
+        for ep in self.endpoints:
+            ep.close()

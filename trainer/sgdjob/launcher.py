@@ -1,0 +1,277 @@
+"""The local executor: `sgdjob run JOB.yaml` runs a whole job as processes on 127.0.0.1.
+
+Starts S shard processes (each binds a free port and reports it through a ready file), then
+the workers with the shards' addresses: the same ``ProcessContract`` a pod gets. It polls
+the coordinator's /status for a live progress line, stops every child on Ctrl-C or failure,
+and names the replica and the reason when it fails. Child output goes to ``logs/`` under the
+output directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from sgdjob.api.types import SGDJob
+from sgdjob.api.validation import spec_to_json
+from sgdjob.contract import ProcessContract, Role
+
+log = logging.getLogger("sgdjob.launcher")
+
+READY_TIMEOUT_S = 120.0
+
+
+class LaunchError(RuntimeError):
+    """The job failed; the message names the replica and the reason."""
+
+
+@dataclass
+class Replica:
+    """One child process and what the executor knows about it."""
+
+    role: Role
+    index: int
+    contract: ProcessContract
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    started_at: float = 0.0
+    exit_code: int | None = None
+    history: list[int] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return f"{self.role}-{self.index}"
+
+    def start(self) -> None:
+        env = dict(os.environ)
+        env.update(self.contract.to_env())
+        # One torch/BLAS thread pool per process: N processes must not oversubscribe cores.
+        env.setdefault("OMP_NUM_THREADS", "1")
+        env.setdefault("MKL_NUM_THREADS", "1")
+        env["PYTHONUNBUFFERED"] = "1"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        logf: IO[bytes] = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sgdjob", "trainer"],
+            env=env,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C reaches the launcher only; it stops children
+        )
+        logf.close()
+        self.started_at = time.monotonic()
+        self.exit_code = None
+
+    def poll(self) -> int | None:
+        if self.proc is not None and self.exit_code is None:
+            self.exit_code = self.proc.poll()
+            if self.exit_code is not None:
+                self.history.append(self.exit_code)
+        return self.exit_code
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+
+    def tail(self, lines: int = 8) -> str:
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    meaning = {1: "error", 2: "invalid spec or contract", 3: "a peer stopped answering"}
+    return f"exit code {code} ({meaning.get(code, 'error')})"
+
+
+class LocalJob:
+    """The processes of one job and the loop that watches them."""
+
+    def __init__(self, job: SGDJob, *, output: Path, progress: bool = True) -> None:
+        self.job = job
+        self.spec = job.spec
+        self.output = output
+        self.progress = progress and sys.stderr.isatty()
+        self.state_dir = output / ".sgdjob"
+        self.spec_path = self.state_dir / "spec.json"
+        self.token = secrets.token_hex(16)
+        self.shards: list[Replica] = []
+        self.workers: list[Replica] = []
+        self.status_url = ""
+        self._last_print = 0.0
+
+    def contract(self, role: Role, index: int, addrs: tuple[str, ...] = ()) -> ProcessContract:
+        ps = role == "ps"
+        return ProcessContract(
+            role=role,
+            index=index,
+            job_name=self.job.metadata.name,
+            spec_path=str(self.spec_path),
+            token=self.token,
+            output_dir=str(self.output),
+            shard_addrs=addrs,
+            bind="tcp://127.0.0.1:0" if ps else "",
+            status_bind="127.0.0.1:0" if ps and index == 0 else "",
+            ready_file=str(self.state_dir / f"ready-{index}.json") if ps else "",
+        )
+
+    # -- start ---------------------------------------------------------------------------
+    def start(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.state_dir.glob("ready-*.json"):
+            stale.unlink()
+        for name in ("metrics.jsonl", "summary.json"):
+            (self.output / name).unlink(missing_ok=True)
+        self.spec_path.write_text(spec_to_json(self.spec), encoding="utf-8")
+        logs = self.output / "logs"
+        for k in range(self.spec.parameter_servers.shards):
+            r = Replica("ps", k, self.contract("ps", k), logs / f"ps-{k}.log")
+            r.start()
+            self.shards.append(r)
+        addrs = []
+        for r in self.shards:
+            ready = self._wait_ready(r)
+            addrs.append(ready["endpoint"])
+            if r.index == 0:
+                self.status_url = f"http://127.0.0.1:{ready['statusPort']}/status"
+        # Restarted shards must come back on the same endpoints: pin them in the contract.
+        for r, addr in zip(self.shards, addrs, strict=True):
+            r.contract = ProcessContract(**{**r.contract.__dict__, "bind": addr})
+        n = self.spec.workers.replicas + self.spec.training.backup_workers
+        for i in range(n):
+            w = Replica(
+                "worker", i, self.contract("worker", i, tuple(addrs)), logs / f"worker-{i}.log"
+            )
+            w.start()
+            self.workers.append(w)
+
+    def _wait_ready(self, r: Replica) -> dict[str, Any]:
+        path = Path(r.contract.ready_file)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if path.exists():
+                return dict(json.loads(path.read_text(encoding="utf-8")))
+            code = r.poll()
+            if code is not None:
+                raise LaunchError(
+                    f"{r.name} failed before it was ready: {describe_exit(code)}\n{r.tail()}"
+                )
+            time.sleep(0.05)
+        raise LaunchError(f"{r.name} was not ready after {READY_TIMEOUT_S:.0f}s\n{r.tail()}")
+
+    # -- watch ---------------------------------------------------------------------------
+    def status(self) -> dict[str, Any] | None:
+        if not self.status_url:
+            return None
+        try:
+            with urllib.request.urlopen(self.status_url, timeout=1.0) as resp:
+                return dict(json.loads(resp.read()))
+        except (OSError, ValueError):
+            return None
+
+    def wait(self) -> None:
+        """Block until every replica exited 0; raise LaunchError when one fails."""
+        replicas = self.shards + self.workers
+        while True:
+            for r in replicas:
+                code = r.poll()
+                if code is not None and code != 0:
+                    raise LaunchError(
+                        f"replica {r.name} failed: {describe_exit(code)}; "
+                        f"log {r.log_path}\n{r.tail()}"
+                    )
+            if all(r.exit_code == 0 for r in replicas):
+                return
+            self._show_progress()
+            time.sleep(0.2)
+
+    def _show_progress(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_print < (0.5 if self.progress else 10.0):
+            return
+        self._last_print = now
+        s = self.status()
+        if s is None:
+            return
+        line = progress_line(s)
+        if self.progress:
+            sys.stderr.write("\r" + line.ljust(100)[:120])
+            sys.stderr.flush()
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """SIGTERM every live child, then SIGKILL what is left after ``grace_s``."""
+        replicas = self.shards + self.workers
+        for r in replicas:
+            r.stop(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for r in replicas:
+            if r.proc is None:
+                continue
+            try:
+                r.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                r.stop(signal.SIGKILL)
+                r.proc.wait()
+        if self.progress:
+            sys.stderr.write("\n")
+
+
+def progress_line(s: dict[str, Any]) -> str:
+    """One line: a bar over the slowest worker's steps, version, loss, accuracy, throughput."""
+    total = int(s.get("totalSteps") or 0)
+    workers = s.get("workers") or {}
+    done = min((int(w.get("step", 0)) + 1 for w in workers.values()), default=0)
+    done = min(done, total) if total else 0
+    frac = done / total if total else 0.0
+    parts = [f"[{'#' * int(frac * 20):<20}] step {done}/{total}", f"version {s.get('step', 0)}"]
+    if s.get("loss") is not None:
+        parts.append(f"loss {s['loss']:.4f}")
+    if s.get("accuracy") is not None:
+        parts.append(f"acc {s['accuracy']:.3f}")
+    parts.append(f"{s.get('samplesPerSecond') or 0:.0f} samples/s")
+    return " ".join(parts)
+
+
+def run_local(job: SGDJob, *, output: Path, progress: bool = True) -> dict[str, Any]:
+    """Run the job to completion; returns summary.json's content or raises LaunchError."""
+    lj = LocalJob(job, output=output, progress=progress)
+    interrupted = False
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        lj.start()
+        lj.wait()
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
+    finally:
+        lj.stop()
+        signal.signal(signal.SIGINT, previous)
+        if interrupted:
+            log.warning("interrupted: stopped every replica")
+    summary_path = output / "summary.json"
+    if not summary_path.exists():
+        raise LaunchError(f"the job ended without {summary_path}")
+    return dict(json.loads(summary_path.read_text(encoding="utf-8")))

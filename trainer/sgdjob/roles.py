@@ -1,0 +1,248 @@
+"""Run one trainer role as a process: what `sgdjob trainer` does in a pod or a local child.
+
+The executor supplies only the ``ProcessContract`` (role, index, addresses, token, output
+directory, spec path); everything else comes from the spec. Exit codes: 0 done, 2 invalid
+spec or contract (permanent), 3 a peer stopped answering (retryable), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from sgdjob.api.types import SGDJobSpec
+from sgdjob.api.validation import Problem, SpecError, validate_spec
+from sgdjob.contract import ProcessContract
+from sgdjob.output import JsonLines, atomic_write_json
+
+log = logging.getLogger("sgdjob.roles")
+
+EXIT_OK, EXIT_ERROR, EXIT_SPEC, EXIT_PEER = 0, 1, 2, 3
+IDLE_TIMEOUT_S = float(os.environ.get("SGDJOB_IDLE_TIMEOUT", "900"))
+COMM_TIMEOUT_S = float(os.environ.get("SGDJOB_COMM_TIMEOUT", "600"))
+
+
+def load_spec(path: str) -> SGDJobSpec:
+    """The mounted spec JSON, validated again: a pod must not trust its ConfigMap blindly."""
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise SpecError([Problem(path, f"cannot read the spec: {err}")]) from None
+    return validate_spec(raw)
+
+
+def run_role(contract: ProcessContract) -> int:
+    """Run the role the contract names; returns the process exit code."""
+    from sgdjob.client import ShardRejected, ShardUnavailable
+    from sgdjob.protocol import token_digest
+
+    try:
+        spec = load_spec(contract.spec_path)
+    except SpecError as err:
+        log.error("invalid spec: %s", err)
+        return EXIT_SPEC
+    # SIGTERM (pod deletion, local stop) becomes a clean exception, not a dead process.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    token = token_digest(contract.token)
+    try:
+        if contract.role == "ps":
+            return run_shard_process(contract, spec, token)
+        from sgdjob.worker import run_worker
+
+        n = spec.workers.replicas + spec.training.backup_workers
+        if contract.index >= n:
+            log.error("worker index %d out of range 0..%d", contract.index, n - 1)
+            return EXIT_SPEC
+        if len(contract.shard_addrs) != spec.parameter_servers.shards:
+            log.error(
+                "%d shard addresses for %d shards",
+                len(contract.shard_addrs),
+                spec.parameter_servers.shards,
+            )
+            return EXIT_SPEC
+        return run_worker(
+            spec=spec,
+            index=contract.index,
+            addrs=contract.shard_addrs,
+            token=token,
+            output_dir=contract.output_dir,
+            timeout_s=COMM_TIMEOUT_S,
+        )
+    except ShardUnavailable as err:
+        log.error("%s", err)
+        return EXIT_PEER
+    except ShardRejected as err:
+        log.error("%s", err)
+        return EXIT_SPEC
+    except KeyboardInterrupt:
+        log.warning("stopped by signal")
+        return 128 + signal.SIGTERM
+
+
+def run_shard_process(contract: ProcessContract, spec: SGDJobSpec, token: bytes) -> int:
+    import numpy as np
+    import torch
+    import zmq
+
+    from sgdjob.data import dataset_dims
+    from sgdjob.httpstatus import serve_status
+    from sgdjob.models import FlatModel, build_model
+    from sgdjob.shard import Shard
+    from sgdjob.slicing import partition
+    from sgdjob.stats import ShardStats
+    from sgdjob.transport import bind_router
+
+    k = contract.index
+    if k >= spec.parameter_servers.shards:
+        log.error("shard index %d out of range 0..%d", k, spec.parameter_servers.shards - 1)
+        return EXIT_SPEC
+    torch.set_num_threads(1)
+    t = spec.training
+    input_dim, classes = dataset_dims(spec.data, seed=t.seed)
+    flat = FlatModel(
+        build_model(spec.model, input_dim=input_dim, num_classes=classes, seed=t.seed),
+        torch.device("cpu"),
+    )
+    slices = partition(flat.size, spec.parameter_servers.shards)
+    initial = np.ascontiguousarray(flat.params.numpy()[slices[k].offset : slices[k].end])
+    del flat
+    n_workers = spec.workers.replicas + t.backup_workers
+    stats = ShardStats(shard=k, workers=n_workers, mode=t.mode)
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    endpoint, concrete = bind_router(ctx, contract.bind)
+    shard = Shard(
+        spec=spec,
+        slice_=slices[k],
+        initial=initial,
+        total_size=slices[-1].end,
+        token=token,
+        send=endpoint.send,
+        stats=stats,
+        incarnation=secrets.randbits(32),
+        chunk_bytes=4 << 20,
+    )
+    status_port = 0
+    if contract.status_bind:
+
+        def snapshot() -> dict[str, Any]:
+            s = stats.status()
+            s["bytesSent"] = endpoint.counters.bytes_sent
+            s["bytesReceived"] = endpoint.counters.bytes_received
+            s["paramsChecksum"] = shard.checksum()
+            return s
+
+        _, status_port = serve_status(contract.status_bind, status=snapshot, job=contract.job_name)
+    if contract.ready_file:
+        atomic_write_json(contract.ready_file, {"endpoint": concrete, "statusPort": status_port})
+    log.info(
+        "shard %d: %d parameters [%d, %d) on %s",
+        k,
+        slices[k].count,
+        slices[k].offset,
+        slices[k].end,
+        concrete,
+    )
+    metrics = MetricsWriter(Path(contract.output_dir), stats) if k == 0 else None
+    last_msg = time.monotonic()
+    try:
+        while True:
+            if endpoint.poll(200):
+                msg = endpoint.recv()
+                last_msg = time.monotonic()
+                if msg is None:
+                    stats.reject("TRUNCATED")
+                else:
+                    shard.handle(msg)
+            if metrics:
+                metrics.tick()
+            if shard.should_exit() and (k != 0 or stats.final_report is not None):
+                break
+            if time.monotonic() - last_msg > IDLE_TIMEOUT_S:
+                log.error("shard %d: no message for %.0fs; giving up", k, IDLE_TIMEOUT_S)
+                return EXIT_PEER
+        shard.flush_sends()
+        with stats.lock:
+            stats.finished_at = time.time()
+        if metrics:
+            metrics.finish(spec, endpoint.counters.bytes_sent, endpoint.counters.bytes_received)
+        log.info("shard %d: finished at version %d", k, shard.version)
+        return EXIT_OK
+    finally:
+        endpoint.close()
+        ctx.term()
+
+
+class MetricsWriter:
+    """Shard 0's metrics.jsonl (a line per evaluation and per 1% of progress) and summary."""
+
+    def __init__(self, out: Path, stats: Any) -> None:
+        self.out = out
+        self.stats = stats
+        self.lines = JsonLines(out / "metrics.jsonl")
+        self.evals_written = 0
+        self.last_version = -1
+
+    def tick(self) -> None:
+        s = self.stats
+        with s.lock:
+            total = s.total_steps or 0
+            every = max(1, total // 100) if s.mode == "sync" else max(1, total)
+            new_evals = s.evals[self.evals_written :]
+            self.evals_written = len(s.evals)
+            due = s.version - self.last_version >= every
+            loss, version = s.mean_loss(), s.version
+            elapsed, sps = time.time() - s.started, s.samples_per_second()
+        for step, acc, test_loss in new_evals:
+            self.lines.write(
+                {
+                    "kind": "eval",
+                    "step": step,
+                    "version": version,
+                    "accuracy": acc,
+                    "testLoss": test_loss,
+                    "time": elapsed,
+                }
+            )
+        if due and loss is not None:
+            self.last_version = version
+            self.lines.write(
+                {
+                    "kind": "train",
+                    "version": version,
+                    "loss": loss,
+                    "samplesPerSecond": sps,
+                    "time": elapsed,
+                }
+            )
+
+    def finish(self, spec: SGDJobSpec, bytes_sent: int, bytes_received: int) -> None:
+        self.tick()
+        self.lines.close()
+        st = self.stats.status()
+        final = self.stats.final_report
+        summary = {
+            "mode": spec.training.mode,
+            "shards": spec.parameter_servers.shards,
+            "workers": spec.workers.replicas,
+            "backupWorkers": spec.training.backup_workers,
+            "version": st["step"],
+            "stepsPerWorker": st["totalSteps"],
+            "finalAccuracy": final.eval_accuracy if final else None,
+            "finalTestLoss": final.eval_loss if final else None,
+            "trainLoss": st["loss"],
+            "wallTimeSeconds": st["elapsedSeconds"],
+            "samples": st["samples"],
+            "samplesPerSecond": st["samplesPerSecond"],
+            "shard0BytesSent": bytes_sent,
+            "shard0BytesReceived": bytes_received,
+            "staleness": st["staleness"],
+            "workerStats": st["workers"],
+            "rejectedMessages": st["rejected"],
+        }
+        atomic_write_json(self.out / "summary.json", summary)

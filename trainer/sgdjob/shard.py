@@ -1,0 +1,338 @@
+"""A parameter-server shard: owns one slice of the flat vector and applies the update rule.
+
+``Shard`` is the state machine with no sockets: ``handle(msg)`` validates one incoming
+message and calls ``send`` for the replies, so tests can drive it directly. ``run_shard`` in
+``roles`` wires it to a ROUTER socket.
+
+Modes (``spec.training.mode``):
+- ``sync``: the gradients for version t are kept as received (zero-copy frames) until the
+  first ``replicas`` distinct workers have pushed; they are then summed in worker order (so
+  a fixed-seed run is bit-for-bit reproducible), averaged and applied, and the version
+  becomes t+1. With ``backupWorkers`` b, N+b workers run and late pushes for a closed version
+  are dropped and counted (Chen et al. 2017). A pull for version v is answered once the
+  shard reached v.
+- ``async`` / ``downpour``: each gradient is applied on arrival, scaled by the staleness rule;
+  tau = version now - version the gradient was computed on; gradients with tau above
+  ``maxStaleness`` are dropped and counted. Pulls are answered at once.
+
+Nothing from a rejected message ever reaches the parameters: every check runs before any
+write, and non-finite gradients are rejected.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import zmq
+
+from sgdjob.api.types import SGDJobSpec
+from sgdjob.protocol import (
+    DType,
+    ErrorCode,
+    Flags,
+    Header,
+    Op,
+    ProtocolError,
+    Report,
+    check_float32_payload,
+    parse_header,
+)
+from sgdjob.slicing import Slice
+from sgdjob.staleness import StalenessRule
+from sgdjob.stats import ShardStats
+from sgdjob.transport import Incoming, frame_array, vector_frames
+from sgdjob.update import MomentumSGD
+
+log = logging.getLogger("sgdjob.shard")
+
+# Rejections where the sender could not be authenticated are dropped silently (counted).
+SILENT = {ErrorCode.BAD_MAGIC, ErrorCode.BAD_TOKEN, ErrorCode.TRUNCATED}
+
+Send = Callable[..., "zmq.MessageTracker | None"]
+
+
+@dataclass
+class PendingPull:
+    identity: bytes
+    worker: int
+    min_version: int
+    final: bool
+
+
+class Shard:
+    """One shard's parameters, optimizer state and protocol handling."""
+
+    def __init__(
+        self,
+        *,
+        spec: SGDJobSpec,
+        slice_: Slice,
+        initial: np.ndarray,
+        total_size: int,
+        token: bytes,
+        send: Send,
+        stats: ShardStats,
+        incarnation: int,
+        chunk_bytes: int,
+    ) -> None:
+        if initial.shape != (slice_.count,) or initial.dtype != np.float32:
+            raise ValueError("initial parameters must be float32 of the slice's length")
+        t = spec.training
+        self.spec = spec
+        self.slice = slice_
+        self.params = np.ascontiguousarray(initial).copy()
+        self.total_size = total_size
+        self.total_steps: int | None = None  # learned from the workers' HELLO
+        self.token = token
+        self.send = send
+        self.stats = stats
+        self.incarnation = incarnation
+        self.chunk_bytes = chunk_bytes
+        self.mode = t.mode
+        self.replicas = spec.workers.replicas
+        self.n_workers = spec.workers.replicas + t.backup_workers
+        self.lr = t.lr
+        self.max_staleness = t.max_staleness
+        self.opt = MomentumSGD(slice_.count, momentum=t.momentum, weight_decay=t.weight_decay)
+        self.rule = StalenessRule(t.staleness, count=slice_.count, odena_scale=t.odena_scale)
+        self.version = 0
+        self.pending: dict[int, list[zmq.Frame]] = {}  # sync: worker -> frames for `version`
+        self._acc = np.empty(slice_.count, dtype=np.float32)
+        self.pulls: list[PendingPull] = []
+        self.done: set[int] = set()
+        self.next_step: dict[int, int] = {}  # worker -> step after its last push
+        self.trackers: list[zmq.MessageTracker] = []
+        stats.incarnation = incarnation
+
+    # -- state ---------------------------------------------------------------------------
+    @property
+    def finished(self) -> bool:
+        if self.mode == "sync":
+            return self.total_steps is not None and self.version >= self.total_steps
+        return len(self.done) >= self.n_workers
+
+    def should_exit(self) -> bool:
+        return len(self.done) >= self.n_workers and not self.pulls
+
+    def checksum(self) -> int:
+        import zlib
+
+        return zlib.crc32(self.params.tobytes())
+
+    # -- dispatch ------------------------------------------------------------------------
+    def handle(self, msg: Incoming) -> None:
+        try:
+            header = parse_header(msg.header, token=self.token)
+            self._dispatch(header, msg)
+        except ProtocolError as err:
+            self.stats.reject(err.code.name)
+            log.debug("rejected message: %s", err)
+            if err.code not in SILENT and msg.identity is not None:
+                self.send(
+                    Header(
+                        op=Op.ERROR,
+                        token=self.token,
+                        shard=self.slice.shard,
+                        incarnation=self.incarnation,
+                        error=err.code,
+                    ),
+                    identity=msg.identity,
+                )
+
+    def _dispatch(self, h: Header, msg: Incoming) -> None:
+        if h.worker >= self.n_workers:
+            raise ProtocolError(ErrorCode.BAD_WORKER, f"worker {h.worker} >= {self.n_workers}")
+        if h.shard != self.slice.shard:
+            raise ProtocolError(ErrorCode.BAD_SHARD, f"shard {h.shard} sent to {self.slice.shard}")
+        if msg.identity is None:
+            raise ProtocolError(ErrorCode.BAD_STATE, "no peer identity")
+        if h.op == Op.HELLO:
+            self._hello(h, msg.identity, msg)
+        elif h.op == Op.PUSH:
+            self._push(h, msg)
+        elif h.op == Op.PULL:
+            self._pull(h, msg.identity, msg)
+        elif h.op == Op.REPORT:
+            self._report(h, msg)
+        elif h.op == Op.DONE:
+            self._expect_no_payload(h, msg)
+            self.done.add(h.worker)
+            self._serve_pulls()
+        else:
+            raise ProtocolError(ErrorCode.BAD_OP, f"{h.op.name} is not a request")
+
+    @staticmethod
+    def _expect_no_payload(h: Header, msg: Incoming) -> None:
+        if msg.frames or h.nframes or h.nbytes:
+            raise ProtocolError(ErrorCode.BAD_SIZE, f"{h.op.name} carries no payload")
+
+    # -- ops -----------------------------------------------------------------------------
+    def _hello(self, h: Header, identity: bytes, msg: Incoming) -> None:
+        self._expect_no_payload(h, msg)
+        if int(h.aux) != self.total_size:
+            raise ProtocolError(
+                ErrorCode.BAD_SIZE,
+                f"worker model has {int(h.aux)} parameters, the job has {self.total_size}",
+            )
+        if self.total_steps is None:
+            self.total_steps = h.step
+            with self.stats.lock:
+                self.stats.total_steps = h.step
+        elif h.step != self.total_steps:
+            raise ProtocolError(
+                ErrorCode.BAD_STATE,
+                f"worker runs {h.step} steps, the other workers run {self.total_steps}",
+            )
+        self.done.discard(h.worker)  # a restarted worker is back in the game
+        resume = self.version if self.mode == "sync" else self.next_step.get(h.worker, 0)
+        self.send(
+            Header(
+                op=Op.WELCOME,
+                token=self.token,
+                worker=h.worker,
+                shard=self.slice.shard,
+                incarnation=self.incarnation,
+                version=self.version,
+                step=resume,
+                offset=self.slice.offset,
+                count=self.slice.count,
+                aux=float(self.total_size),
+            ),
+            identity=identity,
+        )
+
+    def _gradient_parts(self, h: Header, msg: Incoming) -> list[tuple[int, np.ndarray]]:
+        """Validate a float32 push covering the whole slice; views of its frames by offset."""
+        if h.offset != self.slice.offset or h.count != self.slice.count:
+            raise ProtocolError(
+                ErrorCode.BAD_RANGE,
+                f"push covers [{h.offset}, {h.offset + h.count}), shard owns "
+                f"[{self.slice.offset}, {self.slice.end})",
+            )
+        check_float32_payload(h, msg.frame_sizes())
+        parts: list[tuple[int, np.ndarray]] = []
+        start = 0
+        for frame in msg.frames:
+            arr = frame_array(frame)
+            if not np.isfinite(arr).all():
+                raise ProtocolError(ErrorCode.NOT_FINITE, "gradient holds NaN or inf")
+            parts.append((start, arr))
+            start += arr.shape[0]
+        return parts
+
+    def _push(self, h: Header, msg: Incoming) -> None:
+        parts = self._gradient_parts(h, msg)
+        self.next_step[h.worker] = max(self.next_step.get(h.worker, 0), h.step + 1)
+        self.stats.record_push(h.worker)
+        if h.version > self.version:
+            raise ProtocolError(
+                ErrorCode.BAD_STATE, f"gradient for version {h.version}, shard is at {self.version}"
+            )
+        if self.mode == "sync":
+            if h.version < self.version:
+                self.stats.record_drop(h.worker)  # a backup worker lost the race for this step
+                return
+            self.pending.setdefault(h.worker, list(msg.frames))
+            if len(self.pending) >= self.replicas:
+                self._close_step()
+            return
+        tau = self.version - h.version
+        self.stats.record_staleness(tau)
+        if self.max_staleness is not None and tau > self.max_staleness:
+            self.stats.record_drop(h.worker)
+            return
+        self.flush_sends()
+        for start, grad in parts:
+            end = start + grad.shape[0]
+            factor = self.rule.factor(grad, tau=tau, start=start)
+            self.opt.apply(self.params[start:end], grad, lr=self.lr, scale=factor, start=start)
+        self._advance()
+
+    def _close_step(self) -> None:
+        """Sync: sum the step's gradients in worker order, average, apply, bump the version."""
+        acc = self._acc
+        first = True
+        for worker in sorted(self.pending):
+            start = 0
+            for frame in self.pending[worker]:
+                g = frame_array(frame)
+                dst = acc[start : start + g.shape[0]]
+                if first:
+                    np.copyto(dst, g)
+                else:
+                    dst += g
+                start += g.shape[0]
+            first = False
+        acc *= np.float32(1.0 / len(self.pending))
+        self.pending.clear()
+        self.flush_sends()
+        self.opt.apply(self.params, acc, lr=self.lr)
+        self._advance()
+
+    def _advance(self) -> None:
+        self.version += 1
+        with self.stats.lock:
+            self.stats.version = self.version
+        self._serve_pulls()
+
+    def _pull(self, h: Header, identity: bytes, msg: Incoming) -> None:
+        self._expect_no_payload(h, msg)
+        self.stats.record_pull(h.worker)
+        final = bool(h.flags & Flags.FINISHED)
+        if final:
+            self.done.add(h.worker)  # "give me the final parameters" is the last request
+        self.pulls.append(PendingPull(identity, h.worker, h.version, final))
+        self._serve_pulls()
+
+    def _report(self, h: Header, msg: Incoming) -> None:
+        if len(msg.frames) != 1 or h.nframes != 1:
+            raise ProtocolError(ErrorCode.BAD_PAYLOAD, "a report is one frame")
+        report = Report.unpack(msg.frames[0].buffer)
+        self.stats.record_report(h.worker, report)
+
+    # -- replies -------------------------------------------------------------------------
+    def _ready(self, p: PendingPull) -> bool:
+        if p.final:
+            return self.finished
+        return self.finished or p.min_version <= self.version
+
+    def _serve_pulls(self) -> None:
+        if not self.pulls:
+            return
+        waiting: list[PendingPull] = []
+        for p in self.pulls:
+            if self._ready(p):
+                self._send_params(p)
+            else:
+                waiting.append(p)
+        self.pulls = waiting
+
+    def _send_params(self, p: PendingPull) -> None:
+        frames: Sequence[memoryview] = vector_frames(self.params, self.chunk_bytes)
+        flags = Flags.FINISHED if self.finished else Flags.NONE
+        header = Header(
+            op=Op.PARAMS,
+            token=self.token,
+            worker=p.worker,
+            shard=self.slice.shard,
+            incarnation=self.incarnation,
+            version=self.version,
+            offset=self.slice.offset,
+            count=self.slice.count,
+            nbytes=self.params.nbytes,
+            nframes=len(frames),
+            dtype=DType.FLOAT32,
+            flags=flags,
+        )
+        tracker = self.send(header, frames, identity=p.identity, track=True)
+        if tracker is not None:
+            self.trackers.append(tracker)
+
+    def flush_sends(self) -> None:
+        """ZeroMQ may still be reading ``params`` for replies in flight: wait before writing."""
+        for t in self.trackers:
+            t.wait()
+        self.trackers.clear()
