@@ -40,6 +40,7 @@ def load_spec(path: str) -> SGDJobSpec:
 def run_role(contract: ProcessContract) -> int:
     """Run the role the contract names; returns the process exit code."""
     from sgdjob.client import ShardRejected, ShardUnavailable
+    from sgdjob.entrypoints import EntryPointError
     from sgdjob.protocol import token_digest
 
     try:
@@ -77,7 +78,7 @@ def run_role(contract: ProcessContract) -> int:
     except ShardUnavailable as err:
         log.error("%s", err)
         return EXIT_PEER
-    except ShardRejected as err:
+    except (ShardRejected, EntryPointError) as err:
         log.error("%s", err)
         return EXIT_SPEC
     except KeyboardInterrupt:
