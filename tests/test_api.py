@@ -31,8 +31,7 @@ def test_a_valid_job_parses_with_defaults() -> None:
         ({"training": {"fetchEvery": 2}}, "spec.training.fetchEvery"),
         ({"model": {"entryPoint": "x:y"}}, "spec.model"),
         ({"model": {"builtin": None}}, "spec.model"),
-        ({"model": {"entryPoint": "not an entry point", "builtin": None}},
-         "spec.model.entryPoint"),
+        ({"model": {"entryPoint": "not an entry point", "builtin": None}}, "spec.model.entryPoint"),
         ({"debug": {"slowWorkers": {5: 10}}}, "spec.debug.slowWorkers.5"),
         ({"compression": {"kind": "twobit"}}, "spec.compression.kind"),
     ],
@@ -67,8 +66,9 @@ def test_bad_yaml_names_the_line() -> None:
 
 
 def test_a_round_tripped_spec_validates_again() -> None:
-    from sgdjob.api.validation import spec_to_json
     import json
+
+    from sgdjob.api.validation import spec_to_json
 
     job = parse_job(job_doc(training={"mode": "async", "staleness": "zhang"}))
     assert validate_spec(json.loads(spec_to_json(job.spec))) == job.spec

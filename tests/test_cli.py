@@ -13,18 +13,30 @@ from tests.conftest import job_doc
 
 
 def sgdjob(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "sgdjob", *args], cwd=cwd, text=True,
-                          capture_output=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "sgdjob", *args],
+        cwd=cwd,
+        text=True,
+        capture_output=True,
+        timeout=120,
+    )
 
 
 BAD_SPECS = {
     "bad yaml": ("spec: [unclosed\n", "job.yaml:"),
-    "unknown field": (yaml.safe_dump(job_doc(training={"colour": "red"})),
-                      "spec.training.colour: unknown field"),
+    "unknown field": (
+        yaml.safe_dump(job_doc(training={"colour": "red"})),
+        "spec.training.colour: unknown field",
+    ),
     "negative lr": (yaml.safe_dump(job_doc(training={"lr": -0.1})), "spec.training.lr"),
     "zero workers": (yaml.safe_dump(job_doc(workers={"replicas": 0})), "spec.workers.replicas"),
-    "missing model": (yaml.safe_dump({k: v for k, v in job_doc().items() if k != "spec"}
-                                     | {"spec": {"data": {"builtin": "digits"}}}), "spec.model"),
+    "missing model": (
+        yaml.safe_dump(
+            {k: v for k, v in job_doc().items() if k != "spec"}
+            | {"spec": {"data": {"builtin": "digits"}}}
+        ),
+        "spec.model",
+    ),
 }
 
 
@@ -48,7 +60,13 @@ def test_validate_accepts_the_shipped_example(tmp_path: Path) -> None:
 
 
 def test_the_trainer_names_a_missing_contract_variable(tmp_path: Path) -> None:
-    res = subprocess.run([sys.executable, "-m", "sgdjob", "trainer"], cwd=tmp_path, text=True,
-                         capture_output=True, env={"PATH": "/usr/bin"}, timeout=60)
+    res = subprocess.run(
+        [sys.executable, "-m", "sgdjob", "trainer"],
+        cwd=tmp_path,
+        text=True,
+        capture_output=True,
+        env={"PATH": "/usr/bin"},
+        timeout=60,
+    )
     assert res.returncode == 2
     assert "SGDJOB_ROLE is not set" in res.stderr

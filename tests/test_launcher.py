@@ -25,13 +25,15 @@ def single_process_accuracy(doc: dict[str, Any]) -> float:
     spec = parse_job(doc).spec
     t = spec.training
     ds = load_dataset(spec.data, seed=t.seed)
-    model = build_model(spec.model, input_dim=ds.input_dim, num_classes=ds.num_classes,
-                        seed=t.seed)
+    model = build_model(spec.model, input_dim=ds.input_dim, num_classes=ds.num_classes, seed=t.seed)
     n = spec.workers.replicas
-    parts = [partition_for(ds.x_train.shape[0], workers=n, index=i, batch_size=t.batch_size,
-                           seed=t.seed) for i in range(n)]
-    opt = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum,
-                          weight_decay=t.weight_decay)
+    parts = [
+        partition_for(ds.x_train.shape[0], workers=n, index=i, batch_size=t.batch_size, seed=t.seed)
+        for i in range(n)
+    ]
+    opt = torch.optim.SGD(
+        model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay
+    )
     for step in range(t.max_steps or 0):
         idx = torch.from_numpy(np.concatenate([p.batch(step) for p in parts]))
         opt.zero_grad()
@@ -45,9 +47,13 @@ def single_process_accuracy(doc: dict[str, Any]) -> float:
 def test_sync_training_matches_single_process_sgd_on_the_same_samples(
     run_job: Any, shards: int, workers: int
 ) -> None:
-    doc = job_doc(f"s{shards}w{workers}", parameterServers={"shards": shards},
-                  workers={"replicas": workers}, training={"maxSteps": STEPS})
-    summary, out = run_job(doc)
+    doc = job_doc(
+        f"s{shards}w{workers}",
+        parameterServers={"shards": shards},
+        workers={"replicas": workers},
+        training={"maxSteps": STEPS},
+    )
+    summary, _out = run_job(doc)
     baseline = single_process_accuracy(doc)
     assert summary["version"] == STEPS
     assert abs(summary["finalAccuracy"] - baseline) <= 0.01
@@ -57,8 +63,12 @@ def test_sync_training_matches_single_process_sgd_on_the_same_samples(
 def test_a_two_worker_sync_run_with_fixed_seeds_is_bit_for_bit_reproducible(
     run_job: Any,
 ) -> None:
-    doc = job_doc("repro", parameterServers={"shards": 2}, workers={"replicas": 2},
-                  training={"maxSteps": 40, "weightDecay": 0.001})
+    doc = job_doc(
+        "repro",
+        parameterServers={"shards": 2},
+        workers={"replicas": 2},
+        training={"maxSteps": 40, "weightDecay": 0.001},
+    )
     _, out1 = run_job(doc, subdir="a")
     _, out2 = run_job(doc, subdir="b")
     m1, m2 = torch.load(out1 / "model.pt"), torch.load(out2 / "model.pt")
@@ -81,8 +91,11 @@ def test_a_failing_replica_is_named_and_every_child_is_stopped(tmp_path: Path) -
     from sgdjob.launcher import LaunchError, LocalJob
 
     # A user data entry point that does not exist makes every worker exit at start-up.
-    doc = job_doc("bad-entry", data={"builtin": None, "entryPoint": "no_such_module:make"},
-                  workers={"replicas": 2})
+    doc = job_doc(
+        "bad-entry",
+        data={"builtin": None, "entryPoint": "no_such_module:make"},
+        workers={"replicas": 2},
+    )
     lj = LocalJob(parse_job(doc), output=tmp_path, progress=False)
     with pytest.raises(LaunchError, match=r"(ps-0|worker-\d) failed"):
         try:

@@ -1,3 +1,4 @@
+import contextlib
 import math
 import struct
 
@@ -24,8 +25,19 @@ TOKEN = token_digest("job-token")
 
 
 def push(**kw: object) -> Header:
-    base = dict(op=Op.PUSH, token=TOKEN, worker=1, shard=0, version=3, step=3, offset=0,
-                count=10, nbytes=40, nframes=1, dtype=DType.FLOAT32)
+    base = dict(
+        op=Op.PUSH,
+        token=TOKEN,
+        worker=1,
+        shard=0,
+        version=3,
+        step=3,
+        offset=0,
+        count=10,
+        nbytes=40,
+        nframes=1,
+        dtype=DType.FLOAT32,
+    )
     base.update(kw)
     return Header(**base)  # type: ignore[arg-type]
 
@@ -63,8 +75,11 @@ def test_another_jobs_token_is_rejected() -> None:
 def test_a_payload_must_match_the_announced_sizes() -> None:
     h = push(count=10, nbytes=40, nframes=2)
     check_float32_payload(h, [24, 16])
-    for sizes, code in (([24], ErrorCode.TRUNCATED), ([24, 12], ErrorCode.TRUNCATED),
-                        ([22, 18], ErrorCode.BAD_SIZE)):
+    for sizes, code in (
+        ([24], ErrorCode.TRUNCATED),
+        ([24, 12], ErrorCode.TRUNCATED),
+        ([22, 18], ErrorCode.BAD_SIZE),
+    ):
         with pytest.raises(ProtocolError) as err:
             check_float32_payload(h, sizes)
         assert err.value.code == code
@@ -83,13 +98,21 @@ def test_a_range_outside_the_slice_is_rejected() -> None:
 
 
 def test_a_report_round_trips_and_rejects_nonsense() -> None:
-    r = Report(step=4, loss=0.5, step_time=0.01, samples=32, bytes_sent=10, bytes_received=20,
-               eval_accuracy=0.9, eval_loss=0.3, final=True)
+    r = Report(
+        step=4,
+        loss=0.5,
+        step_time=0.01,
+        samples=32,
+        bytes_sent=10,
+        bytes_received=20,
+        eval_accuracy=0.9,
+        eval_loss=0.3,
+        final=True,
+    )
     assert Report.unpack(r.pack()) == r
     with pytest.raises(ProtocolError):
         Report.unpack(r.pack()[:-1])
-    bad = Report(step=4, loss=math.inf, step_time=0.01, samples=1, bytes_sent=0,
-                 bytes_received=0)
+    bad = Report(step=4, loss=math.inf, step_time=0.01, samples=1, bytes_sent=0, bytes_received=0)
     with pytest.raises(ProtocolError):
         Report.unpack(bad.pack())
     with pytest.raises(ProtocolError):
@@ -107,7 +130,5 @@ def test_random_header_sized_bytes_raise_only_protocol_errors(data: bytes) -> No
     # Keep the magic, version and token right so the deeper checks are exercised too.
     fields = list(HEADER.unpack(data))
     fields[0], fields[1], fields[7] = b"SGDJ", 1, TOKEN
-    try:
+    with contextlib.suppress(ProtocolError):
         parse_header(HEADER.pack(*fields), token=TOKEN)
-    except ProtocolError:
-        pass

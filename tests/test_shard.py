@@ -23,8 +23,14 @@ class Sent:
     def __init__(self) -> None:
         self.messages: list[tuple[bytes | None, Header, list[bytes]]] = []
 
-    def __call__(self, header: Header, payload: Any = (), *, identity: bytes | None = None,
-                 track: bool = False) -> None:
+    def __call__(
+        self,
+        header: Header,
+        payload: Any = (),
+        *,
+        identity: bytes | None = None,
+        track: bool = False,
+    ) -> None:
         self.messages.append((identity, header, [bytes(p) for p in payload]))
 
 
@@ -33,12 +39,24 @@ def make_shard(count: int = 6, steps: int = 3, workers: int = 2, **spec: Any) ->
     job = parse_job(doc)
     sent = Sent()
     n = workers + job.spec.training.backup_workers
-    shard = Shard(spec=job.spec, slice_=Slice(0, 0, count), initial=np.ones(count, np.float32),
-                  total_size=count, token=TOKEN, send=sent, stats=ShardStats(shard=0, workers=n,
-                  mode=job.spec.training.mode), incarnation=7, chunk_bytes=8)
+    shard = Shard(
+        spec=job.spec,
+        slice_=Slice(0, 0, count),
+        initial=np.ones(count, np.float32),
+        total_size=count,
+        token=TOKEN,
+        send=sent,
+        stats=ShardStats(shard=0, workers=n, mode=job.spec.training.mode),
+        incarnation=7,
+        chunk_bytes=8,
+    )
     for w in range(n):
-        shard.handle(msg(Header(op=Op.HELLO, token=TOKEN, worker=w, step=steps,
-                                aux=float(count)), ident=b"w%d" % w))
+        shard.handle(
+            msg(
+                Header(op=Op.HELLO, token=TOKEN, worker=w, step=steps, aux=float(count)),
+                ident=b"w%d" % w,
+            )
+        )
     sent.messages.clear()
     return shard, sent
 
@@ -47,16 +65,27 @@ def msg(h: Header, frames: list[bytes] = (), ident: bytes = b"peer") -> Incoming
     return Incoming(identity=ident, header=h.pack(), frames=[zmq.Frame(f) for f in frames])
 
 
-def push(worker: int, grad: np.ndarray, version: int, *, token: bytes = TOKEN,
-         chunks: int = 2) -> Incoming:
+def push(
+    worker: int, grad: np.ndarray, version: int, *, token: bytes = TOKEN, chunks: int = 2
+) -> Incoming:
     parts = [p.tobytes() for p in np.array_split(grad.astype(np.float32), chunks)]
-    h = Header(op=Op.PUSH, token=token, worker=worker, version=version, step=version, offset=0,
-               count=grad.size, nbytes=grad.size * 4, nframes=len(parts), dtype=DType.FLOAT32)
+    h = Header(
+        op=Op.PUSH,
+        token=token,
+        worker=worker,
+        version=version,
+        step=version,
+        offset=0,
+        count=grad.size,
+        nbytes=grad.size * 4,
+        nframes=len(parts),
+        dtype=DType.FLOAT32,
+    )
     return msg(h, parts, ident=b"w%d" % worker)
 
 
 def test_a_sync_step_closes_when_every_worker_pushed_and_applies_the_average() -> None:
-    shard, sent = make_shard(training={"momentum": 0.0, "lr": 0.5})
+    shard, _sent = make_shard(training={"momentum": 0.0, "lr": 0.5})
     g0, g1 = np.arange(6, dtype=np.float32), np.full(6, 2.0, np.float32)
     shard.handle(push(0, g0, 0))
     assert shard.version == 0
@@ -71,7 +100,7 @@ def test_a_pull_for_a_future_version_waits_until_the_step_closes() -> None:
     assert not sent.messages
     shard.handle(push(0, np.ones(6), 0))
     shard.handle(push(1, np.ones(6), 0))
-    (ident, h, frames), = sent.messages
+    ((ident, h, frames),) = sent.messages
     assert ident == b"w0" and h.op == Op.PARAMS and h.version == 1
     assert np.frombuffer(b"".join(frames), np.float32).tobytes() == shard.params.tobytes()
 
@@ -97,8 +126,9 @@ def test_the_final_pull_is_answered_only_when_training_is_over() -> None:
 
 
 def test_async_applies_each_gradient_and_records_staleness() -> None:
-    shard, _ = make_shard(training={"mode": "async", "momentum": 0.0, "lr": 1.0,
-                                    "staleness": "zhang"})
+    shard, _ = make_shard(
+        training={"mode": "async", "momentum": 0.0, "lr": 1.0, "staleness": "zhang"}
+    )
     shard.handle(push(0, np.ones(6), 0))
     shard.handle(push(1, np.ones(6), 0))  # tau = 1 -> factor 1
     shard.handle(push(0, np.ones(6), 0))  # tau = 2 -> factor 1/2
@@ -119,17 +149,34 @@ BAD = {
     "truncated header": lambda: Incoming(b"x", push(0, np.ones(6), 0).header[:50], []),
     "random bytes": lambda: Incoming(b"x", bytes(range(96)), []),
     "wrong token": lambda: push(0, np.ones(6), 0, token=token_digest("other")),
-    "missing frame": lambda: Incoming(b"x", push(0, np.ones(6), 0).header,
-                                      push(0, np.ones(6), 0).frames[:1]),
-    "wrong offset": lambda: msg(Header(op=Op.PUSH, token=TOKEN, worker=0, offset=1, count=6,
-                                       nbytes=24, nframes=1, dtype=DType.FLOAT32), [bytes(24)]),
-    "wrong size": lambda: msg(Header(op=Op.PUSH, token=TOKEN, worker=0, count=6, nbytes=20,
-                                     nframes=1, dtype=DType.FLOAT32), [bytes(20)]),
+    "missing frame": lambda: Incoming(
+        b"x", push(0, np.ones(6), 0).header, push(0, np.ones(6), 0).frames[:1]
+    ),
+    "wrong offset": lambda: msg(
+        Header(
+            op=Op.PUSH,
+            token=TOKEN,
+            worker=0,
+            offset=1,
+            count=6,
+            nbytes=24,
+            nframes=1,
+            dtype=DType.FLOAT32,
+        ),
+        [bytes(24)],
+    ),
+    "wrong size": lambda: msg(
+        Header(
+            op=Op.PUSH, token=TOKEN, worker=0, count=6, nbytes=20, nframes=1, dtype=DType.FLOAT32
+        ),
+        [bytes(20)],
+    ),
     "nan": lambda: push(0, np.full(6, np.nan), 0),
     "unknown worker": lambda: push(9, np.ones(6), 0),
     "future version": lambda: push(0, np.ones(6), 5),
-    "bad report": lambda: msg(Header(op=Op.REPORT, token=TOKEN, worker=0, nframes=1,
-                                     nbytes=3), [b"abc"]),
+    "bad report": lambda: msg(
+        Header(op=Op.REPORT, token=TOKEN, worker=0, nframes=1, nbytes=3), [b"abc"]
+    ),
     "reply op": lambda: msg(Header(op=Op.PARAMS, token=TOKEN, worker=0)),
 }
 
@@ -147,10 +194,20 @@ def test_a_bad_message_is_rejected_counted_and_never_touches_parameters(name: st
 
 def test_a_report_reaches_the_coordinator_stats() -> None:
     shard, _ = make_shard()
-    r = Report(step=3, loss=0.25, step_time=0.5, samples=32, bytes_sent=1, bytes_received=2,
-               eval_accuracy=0.75)
-    shard.handle(msg(Header(op=Op.REPORT, token=TOKEN, worker=1, nframes=1,
-                            nbytes=len(r.pack())), [r.pack()]))
+    r = Report(
+        step=3,
+        loss=0.25,
+        step_time=0.5,
+        samples=32,
+        bytes_sent=1,
+        bytes_received=2,
+        eval_accuracy=0.75,
+    )
+    shard.handle(
+        msg(
+            Header(op=Op.REPORT, token=TOKEN, worker=1, nframes=1, nbytes=len(r.pack())), [r.pack()]
+        )
+    )
     st = shard.stats.status()
     assert st["workers"]["1"]["loss"] == 0.25 and st["accuracy"] == 0.75
     assert st["workers"]["1"]["stepTime"] == 0.5

@@ -27,11 +27,20 @@ def live_shard(tmp_path: Path) -> Iterator[dict[str, Any]]:
     job = parse_job(job_doc("attack"))
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(spec_to_json(job.spec))
-    c = ProcessContract(role="ps", index=0, job_name="attack", spec_path=str(spec_path),
-                        token="secret", output_dir=str(tmp_path), bind="tcp://127.0.0.1:0",
-                        status_bind="127.0.0.1:0", ready_file=str(tmp_path / "ready.json"))
-    proc = subprocess.Popen([sys.executable, "-m", "sgdjob", "trainer"],
-                            env={**os.environ, **c.to_env()})
+    c = ProcessContract(
+        role="ps",
+        index=0,
+        job_name="attack",
+        spec_path=str(spec_path),
+        token="secret",
+        output_dir=str(tmp_path),
+        bind="tcp://127.0.0.1:0",
+        status_bind="127.0.0.1:0",
+        ready_file=str(tmp_path / "ready.json"),
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sgdjob", "trainer"], env={**os.environ, **c.to_env()}
+    )
     try:
         for _ in range(600):
             if (tmp_path / "ready.json").exists():
@@ -39,8 +48,10 @@ def live_shard(tmp_path: Path) -> Iterator[dict[str, Any]]:
             assert proc.poll() is None, "shard died during start-up"
             time.sleep(0.05)
         ready = json.loads((tmp_path / "ready.json").read_text())
-        yield {"endpoint": ready["endpoint"],
-               "status": f"http://127.0.0.1:{ready['statusPort']}/status"}
+        yield {
+            "endpoint": ready["endpoint"],
+            "status": f"http://127.0.0.1:{ready['statusPort']}/status",
+        }
     finally:
         proc.kill()
         proc.wait()
@@ -62,21 +73,31 @@ def test_malformed_and_foreign_frames_are_rejected_counted_and_change_nothing(
     n = before["totalSteps"]  # unknown before any hello: None
     assert n is None
     size = 64 * 32 + 32 + 32 * 10 + 10
+
     def push(**kw: Any) -> Header:
-        base = dict(op=Op.PUSH, token=good, worker=0, offset=0, count=size, nbytes=size * 4,
-                    nframes=1, dtype=DType.FLOAT32)
+        base = dict(
+            op=Op.PUSH,
+            token=good,
+            worker=0,
+            offset=0,
+            count=size,
+            nbytes=size * 4,
+            nframes=1,
+            dtype=DType.FLOAT32,
+        )
         base.update(kw)
         return Header(**base)  # type: ignore[arg-type]
+
     rng = np.random.default_rng(0)
     bad: list[list[bytes]] = [
-        [push().pack()[:40]],                                         # truncated header
-        [b"\x00" * HEADER_SIZE],                                       # wrong magic
+        [push().pack()[:40]],  # truncated header
+        [b"\x00" * HEADER_SIZE],  # wrong magic
         [push().pack()[:4] + b"\x07\x00" + push().pack()[6:], bytes(size * 4)],  # version 7
-        [push(token=token_digest("other-job")).pack(), bytes(size * 4)],         # foreign job
-        [push().pack(), bytes(size * 4 - 4)],                          # short payload
-        [push(offset=3).pack(), bytes(size * 4)],                      # wrong offset
-        [push(nbytes=size * 4 + 4).pack(), bytes(size * 4 + 4)],       # wrong size
-        [push(nframes=2).pack(), bytes(size * 4)],                     # missing frame
+        [push(token=token_digest("other-job")).pack(), bytes(size * 4)],  # foreign job
+        [push().pack(), bytes(size * 4 - 4)],  # short payload
+        [push(offset=3).pack(), bytes(size * 4)],  # wrong offset
+        [push(nbytes=size * 4 + 4).pack(), bytes(size * 4 + 4)],  # wrong size
+        [push(nframes=2).pack(), bytes(size * 4)],  # missing frame
         *[[rng.bytes(int(rng.integers(1, 300)))] for _ in range(20)],  # random bytes
     ]
     for frames in bad:

@@ -1,0 +1,1 @@
+"""The sgdjob Kubernetes operator (Kopf)."""
