@@ -212,8 +212,8 @@ class LocalJob:
             return
         self._last_print = now
         s = self.status()
-        if s is None:
-            return
+        if s is None or not s.get("totalSteps"):
+            return  # no worker has said hello yet: nothing worth printing
         line = progress_line(s)
         if self.progress:
             sys.stderr.write("\r" + line.ljust(100)[:120])

@@ -1,0 +1,60 @@
+"""Backup workers, AsyncSGD and Downpour end to end through the local executor."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.conftest import job_doc
+
+
+def test_a_straggler_is_outrun_by_one_backup_worker_and_its_gradients_dropped(
+    run_job: Any,
+) -> None:
+    # Worker 2 sleeps 60 ms a step, many times a normal digits step on this model.
+    doc = job_doc("backup", workers={"replicas": 2}, parameterServers={"shards": 2},
+                  training={"maxSteps": 60, "backupWorkers": 1},
+                  debug={"slowWorkers": {2: 60}})
+    summary, _ = run_job(doc)
+    assert summary["version"] == 60
+    slow = summary["workerStats"]["2"]
+    assert slow["pushes"] > 0
+    assert slow["droppedGradients"] >= 0.5 * slow["pushes"]
+    fast = [summary["workerStats"][str(i)]["droppedGradients"] for i in (0, 1)]
+    assert sum(fast) < slow["droppedGradients"]
+    assert summary["finalAccuracy"] > 0.85
+
+
+def test_async_with_four_workers_ends_within_two_points_of_sync(run_job: Any) -> None:
+    common = {"workers": {"replicas": 4}, "parameterServers": {"shards": 2}}
+    sync, _ = run_job(job_doc("sync4", training={"maxSteps": 150}, **common), subdir="s")
+    asyn, _ = run_job(job_doc("async4", training={"maxSteps": 150, "mode": "async",
+                                                  "staleness": "zhang"}, **common),
+                      subdir="a")
+    assert asyn["version"] == 4 * 150  # every gradient applied on arrival
+    assert asyn["staleness"]["count"] == 4 * 150
+    assert abs(asyn["finalAccuracy"] - sync["finalAccuracy"]) <= 0.02
+
+
+def test_downpour_fetching_and_pushing_every_step_is_plain_async(run_job: Any) -> None:
+    common = {"workers": {"replicas": 2}}
+    down, _ = run_job(job_doc("dp1", training={"mode": "downpour", "maxSteps": 120}, **common),
+                      subdir="d")
+    asyn, _ = run_job(job_doc("as1", training={"mode": "async", "maxSteps": 120}, **common),
+                      subdir="a")
+    for summary in (down, asyn):
+        for i, w in summary["workerStats"].items():
+            # One pull and one push per step, plus worker 0's final pull.
+            assert (w["pushes"], w["pulls"]) == (120, 120 + (i == "0"))
+        assert summary["version"] == 240
+    assert abs(down["finalAccuracy"] - asyn["finalAccuracy"]) <= 0.03
+
+
+def test_downpour_fetching_every_four_steps_cuts_pulls_by_four(run_job: Any) -> None:
+    doc = job_doc("dp4", workers={"replicas": 2},
+                  training={"mode": "downpour", "maxSteps": 40, "fetchEvery": 4,
+                            "pushEvery": 2})
+    summary, _ = run_job(doc)
+    w1 = summary["workerStats"]["1"]
+    assert w1["pulls"] == 40 // 4
+    assert w1["pushes"] == 40 // 2
+    assert summary["finalAccuracy"] > 0.5
