@@ -11,9 +11,13 @@ def test_a_straggler_is_outrun_by_one_backup_worker_and_its_gradients_dropped(
     run_job: Any,
 ) -> None:
     # Worker 2 sleeps 60 ms a step, many times a normal digits step on this model.
-    doc = job_doc("backup", workers={"replicas": 2}, parameterServers={"shards": 2},
-                  training={"maxSteps": 60, "backupWorkers": 1},
-                  debug={"slowWorkers": {2: 60}})
+    doc = job_doc(
+        "backup",
+        workers={"replicas": 2},
+        parameterServers={"shards": 2},
+        training={"maxSteps": 60, "backupWorkers": 1},
+        debug={"slowWorkers": {2: 60}},
+    )
     summary, _ = run_job(doc)
     assert summary["version"] == 60
     slow = summary["workerStats"]["2"]
@@ -27,9 +31,12 @@ def test_a_straggler_is_outrun_by_one_backup_worker_and_its_gradients_dropped(
 def test_async_with_four_workers_ends_within_two_points_of_sync(run_job: Any) -> None:
     common = {"workers": {"replicas": 4}, "parameterServers": {"shards": 2}}
     sync, _ = run_job(job_doc("sync4", training={"maxSteps": 150}, **common), subdir="s")
-    asyn, _ = run_job(job_doc("async4", training={"maxSteps": 150, "mode": "async",
-                                                  "staleness": "zhang"}, **common),
-                      subdir="a")
+    asyn, _ = run_job(
+        job_doc(
+            "async4", training={"maxSteps": 150, "mode": "async", "staleness": "zhang"}, **common
+        ),
+        subdir="a",
+    )
     assert asyn["version"] == 4 * 150  # every gradient applied on arrival
     assert asyn["staleness"]["count"] == 4 * 150
     assert abs(asyn["finalAccuracy"] - sync["finalAccuracy"]) <= 0.02
@@ -37,10 +44,12 @@ def test_async_with_four_workers_ends_within_two_points_of_sync(run_job: Any) ->
 
 def test_downpour_fetching_and_pushing_every_step_is_plain_async(run_job: Any) -> None:
     common = {"workers": {"replicas": 2}}
-    down, _ = run_job(job_doc("dp1", training={"mode": "downpour", "maxSteps": 120}, **common),
-                      subdir="d")
-    asyn, _ = run_job(job_doc("as1", training={"mode": "async", "maxSteps": 120}, **common),
-                      subdir="a")
+    down, _ = run_job(
+        job_doc("dp1", training={"mode": "downpour", "maxSteps": 120}, **common), subdir="d"
+    )
+    asyn, _ = run_job(
+        job_doc("as1", training={"mode": "async", "maxSteps": 120}, **common), subdir="a"
+    )
     for summary in (down, asyn):
         for i, w in summary["workerStats"].items():
             # One pull and one push per step, plus worker 0's final pull.
@@ -50,9 +59,11 @@ def test_downpour_fetching_and_pushing_every_step_is_plain_async(run_job: Any) -
 
 
 def test_downpour_fetching_every_four_steps_cuts_pulls_by_four(run_job: Any) -> None:
-    doc = job_doc("dp4", workers={"replicas": 2},
-                  training={"mode": "downpour", "maxSteps": 40, "fetchEvery": 4,
-                            "pushEvery": 2})
+    doc = job_doc(
+        "dp4",
+        workers={"replicas": 2},
+        training={"mode": "downpour", "maxSteps": 40, "fetchEvery": 4, "pushEvery": 2},
+    )
     summary, _ = run_job(doc)
     w1 = summary["workerStats"]["1"]
     assert w1["pulls"] == 40 // 4

@@ -192,8 +192,9 @@ class MetricsWriter:
     def tick(self) -> None:
         s = self.stats
         with s.lock:
-            total = s.total_steps or 0
-            every = max(1, total // 100) if s.mode == "sync" else max(1, total)
+            # Versions to expect: one per step in sync, one per gradient in the async modes.
+            total = (s.total_steps or 0) * (1 if s.mode == "sync" else len(s.workers))
+            every = max(1, total // 100)
             new_evals = s.evals[self.evals_written :]
             self.evals_written = len(s.evals)
             due = s.version - self.last_version >= every

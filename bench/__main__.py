@@ -1,0 +1,34 @@
+"""`make bench`: run every benchmark in turn; each writes bench/results/<name>.md.
+
+`python -m bench [name ...]` runs only the named ones.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import time
+
+BENCHES = ["transport", "sync_vs_ddp", "compression", "convergence", "operator"]
+
+
+def main(argv: list[str]) -> int:
+    names = argv or BENCHES
+    failed = []
+    for name in names:
+        t0 = time.time()
+        print(f"\n# bench/{name}\n", flush=True)
+        try:
+            importlib.import_module(f"bench.{name}").main()
+        except Exception as err:  # one broken bench must not hide the others' results
+            failed.append(name)
+            print(f"bench/{name} FAILED: {type(err).__name__}: {err}", flush=True)
+        print(f"\n(bench/{name}: {time.time() - t0:.0f}s)", flush=True)
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
