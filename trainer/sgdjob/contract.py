@@ -22,6 +22,7 @@ ENV_STATUS_BIND = "SGDJOB_STATUS_BIND"  # shard 0: host:port for /status and /me
 ENV_TOKEN = "SGDJOB_TOKEN"  # job token carried in every message header
 ENV_OUTPUT = "SGDJOB_OUTPUT"  # output directory (model, metrics, summary)
 ENV_READY_FILE = "SGDJOB_READY_FILE"  # optional: a shard writes its bound ports here
+ENV_ATTEMPT = "SGDJOB_ATTEMPT"  # optional: 0 for the first start of a replica, +1 per restart
 
 Role = Literal["ps", "worker"]
 ROLES: tuple[Role, ...] = ("ps", "worker")
@@ -45,6 +46,7 @@ class ProcessContract:
     bind: str = ""
     status_bind: str = ""
     ready_file: str = ""
+    attempt: int = 0
 
     def to_env(self) -> dict[str, str]:
         env = {
@@ -55,6 +57,7 @@ class ProcessContract:
             ENV_TOKEN: self.token,
             ENV_OUTPUT: self.output_dir,
             ENV_SHARD_ADDRS: ",".join(self.shard_addrs),
+            ENV_ATTEMPT: str(self.attempt),
         }
         for key, value in (
             (ENV_BIND, self.bind),
@@ -86,6 +89,9 @@ def from_env(env: Mapping[str, str] | None = None) -> ProcessContract:
         raise ContractError(f"{ENV_INDEX} must be an integer, not {raw_index!r}") from None
     if index < 0:
         raise ContractError(f"{ENV_INDEX} must be >= 0, not {index}")
+    raw_attempt = env.get(ENV_ATTEMPT, "0") or "0"
+    if not raw_attempt.isdigit():
+        raise ContractError(f"{ENV_ATTEMPT} must be a non-negative integer, not {raw_attempt!r}")
     addrs = tuple(a for a in env.get(ENV_SHARD_ADDRS, "").split(",") if a)
     if role == "worker" and not addrs:
         raise ContractError(f"{ENV_SHARD_ADDRS} is not set")
@@ -102,4 +108,5 @@ def from_env(env: Mapping[str, str] | None = None) -> ProcessContract:
         bind=env.get(ENV_BIND, ""),
         status_bind=env.get(ENV_STATUS_BIND, ""),
         ready_file=env.get(ENV_READY_FILE, ""),
+        attempt=int(raw_attempt),
     )

@@ -19,13 +19,25 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
-from sgdjob.api.types import SGDJob
+from sgdjob.api.types import SGDJob, SupervisionStatus
 from sgdjob.api.validation import spec_to_json
 from sgdjob.contract import ProcessContract, Role
+from sgdjob.policy import (
+    Create,
+    Delete,
+    Fail,
+    ObservedReplica,
+    Phase,
+    Progress,
+    Recreate,
+    Succeed,
+    decide,
+    replica_name,
+)
 
 log = logging.getLogger("sgdjob.launcher")
 
@@ -45,7 +57,7 @@ class Replica:
     contract: ProcessContract
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
-    restarts: int = 0
+    attempt: int = 0
     started_at: float = 0.0
     exit_code: int | None = None
     history: list[int] = field(default_factory=list)
@@ -120,6 +132,8 @@ class LocalJob:
         self.workers: list[Replica] = []
         self.status_url = ""
         self._last_print = 0.0
+        self.counters = SupervisionStatus()
+        self.restarted: list[tuple[str, str]] = []  # (replica, why), in order
 
     def contract(self, role: Role, index: int, addrs: tuple[str, ...] = ()) -> ProcessContract:
         ps = role == "ps"
@@ -157,7 +171,7 @@ class LocalJob:
                 self.status_url = f"http://127.0.0.1:{ready['statusPort']}/status"
         # Restarted shards must come back on the same endpoints: pin them in the contract.
         for r, addr in zip(self.shards, addrs, strict=True):
-            r.contract = ProcessContract(**{**r.contract.__dict__, "bind": addr})
+            r.contract = replace(r.contract, bind=addr)
         n = self.spec.workers.replicas + self.spec.training.backup_workers
         for i in range(n):
             w = Replica(
@@ -190,28 +204,110 @@ class LocalJob:
         except (OSError, ValueError):
             return None
 
-    def wait(self) -> None:
-        """Block until every replica exited 0; raise LaunchError when one fails."""
-        replicas = self.shards + self.workers
-        while True:
-            for r in replicas:
-                code = r.poll()
-                if code is not None and code != 0:
-                    raise LaunchError(
-                        f"replica {r.name} failed: {describe_exit(code)}; "
-                        f"log {r.log_path}\n{r.tail()}"
-                    )
-            if all(r.exit_code == 0 for r in replicas):
-                return
-            self._show_progress()
-            time.sleep(0.2)
+    def observe(self) -> list[ObservedReplica]:
+        """What the policy sees: every process as a replica with its phase and exit code."""
+        out = []
+        for r in self.shards + self.workers:
+            code = r.poll()
+            if code is None:
+                phase: Phase = "Running" if r.proc is not None else "Pending"
+            else:
+                phase = "Succeeded" if code == 0 else "Failed"
+            # Popen reports "killed by signal N" as -N; pods report 128 + N. Use the latter.
+            exit_code = None if code is None else (128 - code if code < 0 else code)
+            out.append(
+                ObservedReplica(
+                    role=r.role, index=r.index, phase=phase, attempt=r.attempt, exit_code=exit_code
+                )
+            )
+        return out
 
-    def _show_progress(self, force: bool = False) -> None:
+    def progress_from_status(self, status: dict[str, Any] | None) -> Progress | None:
+        if not status:
+            return None
+        times = {int(i): w.get("stepTime") for i, w in (status.get("workers") or {}).items()}
+        return Progress(step=int(status.get("step") or 0), step_times=times)
+
+    def wait(self) -> None:
+        """Supervise until the job succeeds; raise LaunchError when the policy fails it.
+
+        The decisions are ``sgdjob.policy.decide``'s, the same the operator makes: a worker
+        killed by a signal is restarted within ``supervision.maxRestarts``, a straggler is
+        replaced within its budget, a permanent error or a failed shard fails the job.
+        """
+        started = time.time()
+        by_name = {r.name: r for r in self.shards + self.workers}
+        while True:
+            status = self.status()
+            d = decide(
+                spec=self.spec,
+                replicas=self.observe(),
+                counters=self.counters,
+                progress=self.progress_from_status(status),
+                now=time.time(),
+                start_time=started,
+            )
+            self.counters = d.counters
+            for a in d.actions:
+                if isinstance(a, Fail):
+                    culprit = next(
+                        (
+                            r
+                            for r in by_name.values()
+                            if r.name in a.message
+                            or (
+                                f"{r.role.replace('ps', 'shard')} {r.index}" in a.message
+                                and r.exit_code not in (None, 0)
+                            )
+                        ),
+                        None,
+                    )
+                    tail = f"; log {culprit.log_path}\n{culprit.tail()}" if culprit else ""
+                    raise LaunchError(f"{a.reason}: {a.message}{tail}")
+                if isinstance(a, Succeed):
+                    self._wait_shards()
+                    return
+                if isinstance(a, (Create, Recreate)):
+                    r = by_name[replica_name(a.role, a.index)]
+                    why = a.reason if isinstance(a, Recreate) else "created"
+                    log.warning("%s: %s; starting attempt %d", r.name, why, a.attempt)
+                    print(
+                        f"\nsgdjob: {r.name} {why}; restarting (attempt {a.attempt})",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    r.stop(signal.SIGKILL)
+                    if r.proc is not None:
+                        r.proc.wait()
+                    r.attempt = a.attempt
+                    r.contract = replace(r.contract, attempt=a.attempt)
+                    r.start()
+                    if isinstance(a, Recreate):
+                        self.restarted.append((r.name, why))
+                elif isinstance(a, Delete):
+                    by_name[replica_name(a.role, a.index)].stop(signal.SIGKILL)
+            self._show_progress(status)
+            time.sleep(0.25)
+
+    def _wait_shards(self, timeout_s: float = 120.0) -> None:
+        """After the workers: shards exit once the coordinator wrote the summary."""
+        deadline = time.monotonic() + timeout_s
+        for r in self.shards:
+            while r.poll() is None:
+                if time.monotonic() > deadline:
+                    raise LaunchError(f"{r.name} did not exit {timeout_s:.0f}s after the workers")
+                time.sleep(0.05)
+            if r.exit_code != 0:
+                raise LaunchError(
+                    f"replica {r.name} failed: {describe_exit(r.exit_code or 0)}; "
+                    f"log {r.log_path}\n{r.tail()}"
+                )
+
+    def _show_progress(self, s: dict[str, Any] | None) -> None:
         now = time.monotonic()
-        if not force and now - self._last_print < (0.5 if self.progress else 10.0):
+        if now - self._last_print < (0.5 if self.progress else 10.0):
             return
         self._last_print = now
-        s = self.status()
         if s is None or not s.get("totalSteps"):
             return  # no worker has said hello yet: nothing worth printing
         line = progress_line(s)

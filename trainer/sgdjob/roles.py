@@ -74,6 +74,7 @@ def run_role(contract: ProcessContract) -> int:
             token=token,
             output_dir=contract.output_dir,
             timeout_s=COMM_TIMEOUT_S,
+            attempt=contract.attempt,
         )
     except ShardUnavailable as err:
         log.error("%s", err)

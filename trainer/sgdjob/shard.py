@@ -187,6 +187,7 @@ class Shard:
                 f"worker runs {h.step} steps, the other workers run {self.total_steps}",
             )
         self.done.discard(h.worker)  # a restarted worker is back in the game
+        self.stats.record_hello(h.worker)
         resume = self.version if self.mode == "sync" else self.next_step.get(h.worker, 0)
         self.send(
             Header(

@@ -33,6 +33,7 @@ class WorkerStats:
     dropped: int = 0
     pushes: int = 0
     pulls: int = 0
+    hellos: int = 0
     last_seen: float = 0.0
 
     def step_time(self) -> float | None:
@@ -85,6 +86,12 @@ class ShardStats:
     def record_drop(self, worker: int) -> None:
         with self.lock:
             self.workers[worker].dropped += 1
+
+    def record_hello(self, worker: int) -> None:
+        """A (re)started worker: its old step times describe another process."""
+        with self.lock:
+            self.workers[worker].step_times.clear()
+            self.workers[worker].hellos += 1
 
     def record_push(self, worker: int) -> None:
         with self.lock:
@@ -162,6 +169,7 @@ class ShardStats:
                         "droppedGradients": w.dropped,
                         "pushes": w.pushes,
                         "pulls": w.pulls,
+                        "hellos": w.hellos,
                     }
                     for i, w in self.workers.items()
                 },

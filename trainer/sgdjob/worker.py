@@ -105,6 +105,7 @@ def run_worker(
     timeout_s: float = 600.0,
     chunk_bytes: int = 4 << 20,
     dataset: Dataset | None = None,
+    attempt: int = 0,
 ) -> int:
     t = spec.training
     torch.set_num_threads(spec.workers.threads)
@@ -124,7 +125,9 @@ def run_worker(
         epochs=t.epochs,
         max_steps=t.max_steps,
     )
-    delay_s = spec.debug.slow_workers.get(index, 0) / 1000.0
+    # The straggler knob models a slow machine: it slows the first attempt of that worker
+    # only, so a replacement (which lands on another node in a cluster) runs at full speed.
+    delay_s = spec.debug.slow_workers.get(index, 0) / 1000.0 if attempt == 0 else 0.0
     if delay_s:
         log.warning("debug.slowWorkers: worker %d sleeps %.3fs per step", index, delay_s)
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
@@ -151,7 +154,6 @@ def run_worker(
         local_acc = np.zeros(flat.size, dtype=np.float32) if t.mode == "downpour" else None
         since_push = 0
         while step < steps:
-            t0 = time.perf_counter()
             if t.mode != "downpour" or not versions or step % t.fetch_every == 0:
                 min_version = step if t.mode == "sync" else 0
                 versions, finished = client.pull(host.params, min_version=min_version)
@@ -162,6 +164,9 @@ def run_worker(
                     step = max(step, min(versions))  # a backup worker skips closed steps
                     if step >= steps:
                         break
+            # Step time is this worker's own work, not the wait for the others in a pull: a
+            # straggler then stands out even in sync mode, where everybody waits for it.
+            t0 = time.perf_counter()
             xb_idx = torch.from_numpy(part.batch(step))
             xb = ds.x_train[xb_idx].to(device, non_blocking=True)
             yb = ds.y_train[xb_idx].to(device, non_blocking=True)
