@@ -61,6 +61,8 @@ _HOST_CHUNK_ELEMENTS = 1 << 16
 _DEVICE_CHUNK_ELEMENTS = 1 << 22
 
 Vector = torch.Tensor | np.ndarray
+# What arrives off a socket (bytes, memoryview, zmq.Frame.buffer) or an Encoded's arrays.
+Payload = Buffer | np.ndarray
 
 
 class CompressionError(ValueError):
@@ -208,7 +210,9 @@ def _host_first_pass(
         ):
             pos = np.maximum(v2, 0).sum(axis=1, dtype=np.float64)
             neg = np.minimum(v2, 0).sum(axis=1, dtype=np.float64)
-            minus, plus = _means(pos, neg, np.count_nonzero(m2, axis=1), v2.shape[1])
+            # A uint8 sum counts the set flags several times faster than np.count_nonzero(axis=1).
+            n_pos = m2.view(np.uint8).sum(axis=1, dtype=np.int32)  # bucket_size < 2**31
+            minus, plus = _means(pos, neg, n_pos, v2.shape[1])
             scales[b : b + v2.shape[0], 0] = minus
             scales[b : b + v2.shape[0], 1] = plus
             b += v2.shape[0]
@@ -350,9 +354,9 @@ class ErrorFeedback:
 # ----------------------------------------------------------------------------- validate
 
 
-def _byte_view(buf: Buffer, what: str) -> memoryview:
+def _byte_view(buf: Payload, what: str) -> memoryview:
     try:
-        mv = memoryview(buf)
+        mv = memoryview(buf)  # type: ignore[arg-type]  # numpy's stubs predate Buffer
         # cast refuses non-C-contiguous views, and views with a zero in their shape.
         return mv.cast("B") if mv.nbytes else memoryview(b"")
     except (TypeError, ValueError) as exc:
@@ -360,7 +364,7 @@ def _byte_view(buf: Buffer, what: str) -> memoryview:
 
 
 def validate_payload(
-    bits: Buffer, scales: Buffer, *, count: int, bucket_size: int
+    bits: Payload, scales: Payload, *, count: int, bucket_size: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Check an untrusted payload and return zero-copy views (uint8 bits, (n, 2) float32 scales).
 
@@ -405,8 +409,8 @@ def validate_payload(
 
 def decode_into(
     acc: Vector,
-    bits: Buffer,
-    scales: Buffer,
+    bits: Payload,
+    scales: Payload,
     *,
     count: int,
     bucket_size: int,
