@@ -36,7 +36,8 @@ of the float32 size (``wire_nbytes``).
 
 The same codec serves both directions: a worker encodes gradient slices with one
 ``ErrorFeedback`` per shard slice; a shard encodes the parameter update it sends back with one
-``ErrorFeedback`` per destination worker (that state is the shard's business).
+state per destination worker: ``ErrorFeedback`` over the delta since that worker's last pull,
+or (one copy cheaper, and exact) ``sgdjob.mirror.ParameterMirror``.
 """
 
 from __future__ import annotations
