@@ -23,6 +23,7 @@ from pathlib import Path
 
 from bench.netns import NetnsUnavailable, in_netns, veth_link
 from bench.report import markdown_table, write_result
+from sgdjob.compression import wire_nbytes
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 _RESULT_PREFIX = "DDP_RESULT "
@@ -210,6 +211,11 @@ def _bench_main(args: argparse.Namespace) -> None:
             notes.append(f"veth {rate}: skipped: {exc}")
     body = markdown_table(["link", "workers", "params", "batch", "step ms", "samples/s"], rows)
     body += "\n\nCPU gloo DDP, torch threads 1 per rank, synthetic data, one warm-up step."
+    n = mlp_params(args.hidden, args.layers)
+    body += (
+        f"\n\nGradient per worker per step: {4 * n / 1e6:.1f} MB as fp32, "
+        f"{wire_nbytes(n, 512) / 1e6:.2f} MB as 1-bit (bucket 512, sgdjob.compression)."
+    )
     for note in notes:
         body += f"\n\n{note}"
     write_result("ddp", "torch DDP (gloo) baseline", body)

@@ -332,3 +332,17 @@ def test_the_validator_accepts_exactly_the_well_formed_payloads(
     else:
         assert ok
         assert np.isfinite(acc).all()
+
+
+def test_a_residual_that_does_not_match_the_gradient_is_refused() -> None:
+    g = np.ones(10, dtype=np.float32)
+    with pytest.raises(CompressionError, match=r"residual \(9,\) on cpu does not match"):
+        quantize(g, 4, residual=np.zeros(9, dtype=np.float32))
+    with pytest.raises(CompressionError, match="must be writable"):
+        ro = np.zeros(10, dtype=np.float32)
+        ro.flags.writeable = False
+        quantize(g, 4, residual=ro)
+    with pytest.raises(CompressionError, match="1-D float32"):
+        quantize(np.ones(10, dtype=np.float64), 4)
+    with pytest.raises(CompressionError, match="bucket_size"):
+        quantize(g, 0)

@@ -300,17 +300,21 @@ def quantize(g: Vector, bucket_size: int, *, residual: Vector | None = None) -> 
     v = _as_vector(g, "g")
     _check_sizes(v.shape[0], bucket_size)
     r = None if residual is None else _as_vector(residual, "residual")
-    if r is not None and (type(r) is not type(v) or r.shape != v.shape):
-        raise CompressionError(f"residual {tuple(r.shape)} does not match g {tuple(v.shape)}")
+    if r is not None and (_placement(r) != _placement(v) or r.shape != v.shape):
+        raise CompressionError(
+            f"residual {tuple(r.shape)} on {_placement(r)} does not match "
+            f"g {tuple(v.shape)} on {_placement(v)}"
+        )
     if isinstance(v, np.ndarray):
-        assert r is None or isinstance(r, np.ndarray)
-        if r is not None and not r.flags.writeable:
+        r_host = r if isinstance(r, np.ndarray) else None
+        if r_host is not None and not r_host.flags.writeable:
             raise CompressionError("residual must be writable")
-        return _quantize_host(v, bucket_size, r)
-    assert r is None or isinstance(r, torch.Tensor)
-    if r is not None and r.device != v.device:
-        raise CompressionError(f"residual is on {r.device}, g on {v.device}")
-    return _quantize_torch(v, bucket_size, r)
+        return _quantize_host(v, bucket_size, r_host)
+    return _quantize_torch(v, bucket_size, r if isinstance(r, torch.Tensor) else None)
+
+
+def _placement(x: np.ndarray | torch.Tensor) -> str:
+    return "cpu" if isinstance(x, np.ndarray) else str(x.device)
 
 
 class ErrorFeedback:
