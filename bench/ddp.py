@@ -80,9 +80,10 @@ def run_ddp(
     try:
         for rank, ns in enumerate(spaces):
             env = dict(os.environ)
-            env["PYTHONPATH"] = os.pathsep.join(
-                p for p in (str(_REPO_ROOT), env.get("PYTHONPATH")) if p
-            )
+            # The rank runs `-m bench.ddp`, which imports sgdjob: both must be importable
+            # even when the package is not pip-installed.
+            paths = (str(_REPO_ROOT), str(_REPO_ROOT / "trainer"), env.get("PYTHONPATH"))
+            env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
             env["GLOO_SOCKET_IFNAME"] = "lo" if ns is None else _netns_ifname(ns)
             env["OMP_NUM_THREADS"] = "1"
             argv = [sys.executable, "-m", "bench.ddp", "--rank", str(rank)]
