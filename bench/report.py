@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import time
 from collections.abc import Sequence
@@ -22,7 +23,10 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
 def write_result(name: str, title: str, body: str) -> Path:
     """Print ``body`` and save it, with a title and the machine it ran on, as ``<name>.md``."""
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    text = f"# {title}\n\n{stamp}, {platform.machine()}, {platform.python_version()}\n\n{body}\n"
+    # The load average says how much other work shared the CPUs while this ran.
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, load {load}"
+    text = f"# {title}\n\n{stamp}, {machine}, Python {platform.python_version()}\n\n{body}\n"
     print(text)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{name}.md"
