@@ -1,1 +1,2 @@
-"""Benchmarks: each module prints a markdown table and writes it under bench/results/."""
+"""Benchmarks for sgdjob: each module runs with ``python -m bench.<module>`` and writes a
+markdown table under ``bench/results/``."""

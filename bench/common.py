@@ -1,4 +1,4 @@
-"""Shared bench helpers: markdown tables, result files, a job runner and a one-shard server."""
+"""Shared bench helpers: a job runner and a one-shard server process (tables: bench.report)."""
 
 from __future__ import annotations
 
@@ -7,32 +7,10 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-
-RESULTS = Path(__file__).parent / "results"
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    def cell(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
-        return "-" if v is None else str(v)
-
-    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    out += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(out)
-
-
-def write_result(name: str, text: str) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.md"
-    path.write_text(text + "\n", encoding="utf-8")
-    print(text, flush=True)
-    return path
-
 
 def job(name: str, spec: dict[str, Any]) -> dict[str, Any]:
     return {

@@ -12,7 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.common import job, run_job, table, write_result
+from bench.common import job, run_job
+from bench.report import markdown_table, write_result
 
 TASKS: dict[str, dict[str, Any]] = {
     "digits": {"model": {"builtin": "mlp", "hidden": [64]}, "data": {"builtin": "digits"}},
@@ -104,7 +105,7 @@ def main(quick: bool = False) -> str:
                 )
             sections.append(
                 f"### {task}\n\n"
-                + table(
+                + markdown_table(
                     [
                         "mode",
                         "final accuracy",

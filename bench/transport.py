@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from bench.common import job, shard_process, table, write_result
+from bench.common import job, shard_process
+from bench.report import markdown_table, write_result
 
 SIZES_MB = (4, 40, 160)
 ROUNDS = {4: 40, 40: 8, 160: 3}
@@ -112,8 +113,7 @@ def main() -> str:
             ours = sgdjob_rounds(mb, rounds, Path(tmp) / str(mb))
             raw = raw_pyzmq(mb, rounds)
             rows.append((f"{mb} MB", rounds, ours, raw, ours / raw))
-    text = "## bench/transport: gradient push + pull through a shard vs raw pyzmq (127.0.0.1)\n\n"
-    text += table(
+    text = markdown_table(
         ["vector", "rounds", "sgdjob push+pull GB/s", "raw PUSH/PULL GB/s", "ratio"], rows
     )
     text += (
@@ -121,7 +121,8 @@ def main() -> str:
         "gradient, the shard's SGD update and the copy of received parameters into the "
         "worker's buffer; raw pyzmq only moves bytes."
     )
-    write_result("transport", text)
+    write_result("transport", "bench/transport: gradient push + pull through a shard vs raw "
+                 "pyzmq (127.0.0.1)", text)
     return text
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks of the 1-bit gradient codec (``sgdjob.compression``)."""
