@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+
 def job(name: str, spec: dict[str, Any]) -> dict[str, Any]:
     return {
         "apiVersion": "sgdjob.dev/v1alpha1",

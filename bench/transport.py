@@ -121,8 +121,11 @@ def main() -> str:
         "gradient, the shard's SGD update and the copy of received parameters into the "
         "worker's buffer; raw pyzmq only moves bytes."
     )
-    write_result("transport", "bench/transport: gradient push + pull through a shard vs raw "
-                 "pyzmq (127.0.0.1)", text)
+    write_result(
+        "transport",
+        "bench/transport: gradient push + pull through a shard vs raw pyzmq (127.0.0.1)",
+        text,
+    )
     return text
 
 

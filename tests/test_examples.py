@@ -17,8 +17,9 @@ def test_every_example_is_a_valid_sgdjob(path: Path) -> None:
     load_job(path)
 
 
-@pytest.mark.parametrize(("name", "steps", "floor"),
-                         [("custom-model.yaml", 60, 0.6), ("custom-data.yaml", 40, 0.85)])
+@pytest.mark.parametrize(
+    ("name", "steps", "floor"), [("custom-model.yaml", 60, 0.6), ("custom-data.yaml", 40, 0.85)]
+)
 def test_the_bring_your_own_examples_train(
     run_job: Any, monkeypatch: pytest.MonkeyPatch, name: str, steps: int, floor: float
 ) -> None:
