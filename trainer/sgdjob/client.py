@@ -12,9 +12,13 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 import zmq
 
+from sgdjob.api.types import CompressionSpec
+from sgdjob.compression import CompressionError, ErrorFeedback, decode_into
 from sgdjob.protocol import (
+    Compression,
     DType,
     ErrorCode,
     Flags,
@@ -23,6 +27,7 @@ from sgdjob.protocol import (
     ProtocolError,
     Report,
     check_float32_payload,
+    check_frames,
     check_range,
     parse_header,
 )
@@ -58,7 +63,17 @@ class ShardClient:
         worker: int,
         timeout_s: float,
         chunk_bytes: int,
+        compression: CompressionSpec | None = None,
+        ef_device: torch.device | str = "cpu",
     ) -> None:
+        comp = compression or CompressionSpec()
+        self.onebit = comp.kind == "onebit"
+        self.bucket_size = comp.bucket_size
+        self.error_feedback = comp.error_feedback
+        self.server_to_worker = self.onebit and comp.server_to_worker
+        self.ef_device = ef_device
+        self.efs: list[ErrorFeedback] = []  # one residual per shard slice (1-bit only)
+        self.recon: np.ndarray | None = None  # serverToWorker: what the shards think we hold
         self.token = token
         self.worker = worker
         self.timeout_ms = int(timeout_s * 1000)
@@ -113,20 +128,52 @@ class ShardClient:
         if slices != partition(total_size, len(self.endpoints)):
             raise ShardRejected(f"shard slices {slices} do not tile {total_size} parameters")
         self.slices, self.incarnations = slices, incs
+        if self.onebit:
+            self.efs = [
+                ErrorFeedback(
+                    s.count, self.bucket_size, enabled=self.error_feedback, device=self.ef_device
+                )
+                for s in slices
+            ]
+        if self.server_to_worker:
+            self.recon = np.zeros(total_size, dtype=np.float32)
         return Welcome(
             slice=slices[0], version=min(versions), incarnation=incs[0], resume_step=steps[0]
         )
 
-    def push(self, grads: np.ndarray, *, versions: list[int], step: int) -> None:
+    def push(self, grads: np.ndarray | torch.Tensor, *, versions: list[int], step: int) -> None:
         """Send each shard its slice of ``grads`` computed on that shard's ``versions[k]``.
 
-        Zero-copy: ``grads`` must not be written until ``wait_sent`` (called by the next push).
+        float32: zero-copy, so ``grads`` must not be written until ``wait_sent`` (called by
+        the next push). 1-bit: each slice is quantised with this worker's error feedback (on
+        the device ``grads`` lives on) and only the packed bits and scales travel.
         """
         self.wait_sent()
         for k, (ep, s, version) in enumerate(
             zip(self.endpoints, self.slices, versions, strict=True)
         ):
-            frames = vector_frames(grads[s.offset : s.end], self.chunk_bytes)
+            part = grads[s.offset : s.end]
+            if self.onebit:
+                enc = self.efs[k].encode(part)
+                ep.send(
+                    self._header(
+                        Op.PUSH,
+                        k,
+                        version=version,
+                        step=step,
+                        offset=s.offset,
+                        count=s.count,
+                        nbytes=enc.nbytes,
+                        nframes=2,
+                        dtype=DType.ONEBIT,
+                        compression=Compression.ONEBIT,
+                        bucket_size=self.bucket_size,
+                    ),
+                    [enc.bits.data, enc.scales.data],
+                )
+                continue
+            assert isinstance(part, np.ndarray), "float32 pushes come from host memory"
+            frames = vector_frames(part, self.chunk_bytes)
             h = self._header(
                 Op.PUSH,
                 k,
@@ -160,15 +207,41 @@ class ShardClient:
             check_range(h, offset=s.offset, count=s.count)
             if h.count != s.count:
                 raise ProtocolError(ErrorCode.BAD_RANGE, f"shard {k} sent {h.count} elements")
-            check_float32_payload(h, msg.frame_sizes())
-            start = s.offset
-            for frame in msg.frames:
-                arr = frame_array(frame)
-                params[start : start + arr.shape[0]] = arr
-                start += arr.shape[0]
+            if h.flags & Flags.DELTA:
+                self._apply_delta(k, h, msg, params)
+            else:
+                check_float32_payload(h, msg.frame_sizes())
+                start = s.offset
+                for frame in msg.frames:
+                    arr = frame_array(frame)
+                    params[start : start + arr.shape[0]] = arr
+                    if self.recon is not None:
+                        self.recon[start : start + arr.shape[0]] = arr
+                    start += arr.shape[0]
             versions.append(h.version)
             finished = finished and bool(h.flags & Flags.FINISHED)
         return versions, finished
+
+    def _apply_delta(self, k: int, h: Header, msg: Incoming, params: np.ndarray) -> None:
+        """serverToWorker: add the shard's 1-bit update to what we hold, then to ``params``."""
+        s = self.slices[k]
+        if self.recon is None or h.dtype != DType.ONEBIT or h.bucket_size != self.bucket_size:
+            raise ProtocolError(ErrorCode.BAD_DTYPE, f"shard {k} sent an unexpected update")
+        check_frames(h, msg.frame_sizes())
+        if h.nframes != 2:
+            raise ProtocolError(ErrorCode.BAD_PAYLOAD, "a 1-bit update is [bits, scales]")
+        view = self.recon[s.offset : s.end]
+        try:
+            decode_into(
+                view,
+                msg.frames[0].buffer,
+                msg.frames[1].buffer,
+                count=s.count,
+                bucket_size=self.bucket_size,
+            )
+        except CompressionError as err:
+            raise ProtocolError(ErrorCode.BAD_PAYLOAD, f"shard {k}: {err}") from None
+        params[s.offset : s.end] = view
 
     def report(self, report: Report) -> None:
         payload = report.pack()

@@ -15,6 +15,14 @@ Modes (``spec.training.mode``):
   tau = version now - version the gradient was computed on; gradients with tau above
   ``maxStaleness`` are dropped and counted. Pulls are answered at once.
 
+With ``compression.kind: onebit`` a push is [packed sign bits, (mu-, mu+) per bucket]; it is
+validated whole on arrival, then decoded straight into the one float32 accumulator (sync: at
+close, in worker order, from the kept 1/32-size frames; async: at once), never into a
+per-worker full-size copy. With
+``serverToWorker`` a pull is answered with the 1-bit update towards the parameters relative
+to what that worker holds (``sgdjob.mirror``); a worker's first pull after hello, and the
+final pull, get full float32 parameters.
+
 Nothing from a rejected message ever reaches the parameters: every check runs before any
 write, and non-finite gradients are rejected.
 """
@@ -29,7 +37,10 @@ import numpy as np
 import zmq
 
 from sgdjob.api.types import SGDJobSpec
+from sgdjob.compression import CompressionError, decode_into, validate_payload
+from sgdjob.mirror import ParameterMirror
 from sgdjob.protocol import (
+    Compression,
     DType,
     ErrorCode,
     Flags,
@@ -38,6 +49,7 @@ from sgdjob.protocol import (
     ProtocolError,
     Report,
     check_float32_payload,
+    check_frames,
     parse_header,
 )
 from sgdjob.slicing import Slice
@@ -105,6 +117,11 @@ class Shard:
         self.done: set[int] = set()
         self.next_step: dict[int, int] = {}  # worker -> step after its last push
         self.trackers: list[zmq.MessageTracker] = []
+        comp = spec.compression
+        self.onebit = comp.kind == "onebit"
+        self.bucket_size = comp.bucket_size
+        self.server_to_worker = self.onebit and comp.server_to_worker
+        self.mirrors: dict[int, ParameterMirror] = {}  # worker -> what it holds (serverToWorker)
         stats.incarnation = incarnation
 
     # -- state ---------------------------------------------------------------------------
@@ -187,6 +204,7 @@ class Shard:
                 f"worker runs {h.step} steps, the other workers run {self.total_steps}",
             )
         self.done.discard(h.worker)  # a restarted worker is back in the game
+        self.mirrors.pop(h.worker, None)  # ... and holds no parameters: next pull is full
         self.stats.record_hello(h.worker)
         resume = self.version if self.mode == "sync" else self.next_step.get(h.worker, 0)
         self.send(
@@ -224,8 +242,40 @@ class Shard:
             start += arr.shape[0]
         return parts
 
+    def _onebit_payload(self, h: Header, msg: Incoming) -> tuple[np.ndarray, np.ndarray]:
+        """Validate a 1-bit push of the whole slice: [packed bits, (mu-, mu+) scales]."""
+        if h.dtype != DType.ONEBIT or h.compression != Compression.ONEBIT:
+            raise ProtocolError(ErrorCode.BAD_DTYPE, "this job's gradients are 1-bit")
+        if h.offset != self.slice.offset or h.count != self.slice.count:
+            raise ProtocolError(ErrorCode.BAD_RANGE, "a 1-bit push covers the whole slice")
+        if h.bucket_size != self.bucket_size:
+            raise ProtocolError(
+                ErrorCode.BAD_PAYLOAD, f"bucket size {h.bucket_size}, job uses {self.bucket_size}"
+            )
+        check_frames(h, msg.frame_sizes())
+        if h.nframes != 2:
+            raise ProtocolError(ErrorCode.BAD_PAYLOAD, "a 1-bit push is [bits, scales]")
+        try:
+            return validate_payload(
+                msg.frames[0].buffer,
+                msg.frames[1].buffer,
+                count=h.count,
+                bucket_size=self.bucket_size,
+            )
+        except CompressionError as err:
+            code = ErrorCode.NOT_FINITE if "finite" in str(err) else ErrorCode.BAD_PAYLOAD
+            raise ProtocolError(code, str(err)) from None
+
+    def _decode(self, out: np.ndarray, payload: tuple[np.ndarray, np.ndarray]) -> None:
+        decode_into(
+            out, payload[0], payload[1], count=self.slice.count, bucket_size=self.bucket_size
+        )
+
     def _push(self, h: Header, msg: Incoming) -> None:
-        parts = self._gradient_parts(h, msg)
+        if self.onebit:
+            onebit = self._onebit_payload(h, msg)
+        else:
+            parts = self._gradient_parts(h, msg)
         self.next_step[h.worker] = max(self.next_step.get(h.worker, 0), h.step + 1)
         self.stats.record_push(h.worker)
         if h.version > self.version:
@@ -236,7 +286,11 @@ class Shard:
             if h.version < self.version:
                 self.stats.record_drop(h.worker)  # a backup worker lost the race for this step
                 return
-            self.pending.setdefault(h.worker, list(msg.frames))
+            if h.worker in self.pending:
+                return  # a restarted worker re-sent the step: the same gradient, keep one
+            # Kept as received (zero-copy; 1-bit frames are 1/32 of the slice) and summed in
+            # worker order at close, so a fixed-seed run is reproducible bit for bit.
+            self.pending[h.worker] = list(msg.frames)
             if len(self.pending) >= self.replicas:
                 self._close_step()
             return
@@ -246,6 +300,10 @@ class Shard:
             self.stats.record_drop(h.worker)
             return
         self.flush_sends()
+        if self.onebit:
+            self._acc.fill(0.0)
+            self._decode(self._acc, onebit)
+            parts = [(0, self._acc)]
         for start, grad in parts:
             end = start + grad.shape[0]
             factor = self.rule.factor(grad, tau=tau, start=start)
@@ -255,18 +313,28 @@ class Shard:
     def _close_step(self) -> None:
         """Sync: sum the step's gradients in worker order, average, apply, bump the version."""
         acc = self._acc
-        first = True
-        for worker in sorted(self.pending):
-            start = 0
-            for frame in self.pending[worker]:
-                g = frame_array(frame)
-                dst = acc[start : start + g.shape[0]]
-                if first:
-                    np.copyto(dst, g)
-                else:
-                    dst += g
-                start += g.shape[0]
-            first = False
+        if self.onebit:
+            acc.fill(0.0)
+            for worker in sorted(self.pending):
+                bits, scales = self.pending[worker]
+                decode_into(
+                    acc,
+                    bits.buffer,
+                    scales.buffer,
+                    count=self.slice.count,
+                    bucket_size=self.bucket_size,
+                )
+        else:
+            for n, worker in enumerate(sorted(self.pending)):
+                start = 0
+                for frame in self.pending[worker]:
+                    g = frame_array(frame)
+                    dst = acc[start : start + g.shape[0]]
+                    if n == 0:
+                        np.copyto(dst, g)
+                    else:
+                        dst += g
+                    start += g.shape[0]
         acc *= np.float32(1.0 / len(self.pending))
         self.pending.clear()
         self.flush_sends()
@@ -312,8 +380,38 @@ class Shard:
         self.pulls = waiting
 
     def _send_params(self, p: PendingPull) -> None:
-        frames: Sequence[memoryview] = vector_frames(self.params, self.chunk_bytes)
         flags = Flags.FINISHED if self.finished else Flags.NONE
+        mirror = self.mirrors.get(p.worker)
+        if self.server_to_worker and mirror is not None and not p.final:
+            # The worker holds `mirror`: send the 1-bit update towards the parameters.
+            enc = mirror.encode_update(self.params)
+            self.send(
+                Header(
+                    op=Op.PARAMS,
+                    token=self.token,
+                    worker=p.worker,
+                    shard=self.slice.shard,
+                    incarnation=self.incarnation,
+                    version=self.version,
+                    offset=self.slice.offset,
+                    count=self.slice.count,
+                    nbytes=enc.nbytes,
+                    nframes=2,
+                    dtype=DType.ONEBIT,
+                    compression=Compression.ONEBIT,
+                    bucket_size=self.bucket_size,
+                    flags=flags | Flags.DELTA,
+                ),
+                [enc.bits.data, enc.scales.data],
+                identity=p.identity,
+            )
+            return
+        if self.server_to_worker:
+            if mirror is None:
+                self.mirrors[p.worker] = ParameterMirror(self.params, self.bucket_size)
+            else:
+                mirror.reset(self.params)
+        frames: Sequence[memoryview] = vector_frames(self.params, self.chunk_bytes)
         header = Header(
             op=Op.PARAMS,
             token=self.token,

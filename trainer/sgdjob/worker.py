@@ -138,7 +138,11 @@ def run_worker(
         worker=index,
         timeout_s=timeout_s,
         chunk_bytes=chunk_bytes,
+        compression=spec.compression,
+        # 1-bit encoding runs where the gradient is (the GPU); Downpour accumulates on host.
+        ef_device="cpu" if t.mode == "downpour" else flat.grads.device,
     )
+    onebit = spec.compression.kind == "onebit"
     try:
         welcome = client.hello(flat.size, total_steps=steps)
         step = welcome.resume_step
@@ -176,7 +180,8 @@ def run_worker(
             loss.backward()
             if delay_s:
                 time.sleep(delay_s)
-            host.grads_to_host()
+            if local_acc is not None or not onebit:
+                host.grads_to_host()  # 1-bit encodes on the device; only bits come to host
             if local_acc is not None:
                 # Downpour: step locally between fetches, push the accumulated gradient.
                 local_acc += host.grads
@@ -188,7 +193,7 @@ def run_worker(
                     local_acc.fill(0.0)
                     since_push = 0
             else:
-                client.push(host.grads, versions=versions, step=step)
+                client.push(flat.grads if onebit else host.grads, versions=versions, step=step)
             ev = None
             if index == 0 and step % t.eval_interval == 0:
                 ev = evaluate(flat.model, ds.x_test, ds.y_test)
