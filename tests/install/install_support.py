@@ -8,13 +8,14 @@ tool into ``.tools/bin``.
 from __future__ import annotations
 
 import copy
+import importlib
 import os
 import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 import yaml
@@ -29,7 +30,7 @@ TOOLS_BIN = Path(os.environ.get("TOOLS_DIR", ROOT / ".tools")) / "bin"
 HELMS = {"helm4": "v4.1.4", "helm3": "v3.17.2"}
 
 
-def need(what: str, how: str) -> None:
+def need(what: str, how: str) -> NoReturn:
     """Skip (by hand) or fail (in CI) because ``what`` is unavailable."""
     message = f"{what} is unavailable: {how}"
     if os.environ.get("CI"):
@@ -47,7 +48,14 @@ def tool(name: str) -> Path:
         if candidate.is_file() and os.access(candidate, os.X_OK):
             return candidate
     need(name, "run .ci/install-tools.sh (installs into .tools/bin)")
-    raise AssertionError("unreachable")
+
+
+def module(name: str) -> Any:
+    """Import a Python dev dependency, or skip (by hand) / fail (in CI) without it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        need(f"the Python package {name}", "pip install -e '.[dev]'")
 
 
 def run(cmd: list[str | Path], **kwargs: Any) -> subprocess.CompletedProcess[str]:

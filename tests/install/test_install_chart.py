@@ -15,6 +15,7 @@ from install_support import (
     HELMS,
     helm_template,
     load_yaml,
+    module,
     run,
     tool,
 )
@@ -57,14 +58,25 @@ def test_helm_3_and_helm_4_render_the_same_manifests(rendered: dict[Any, Any]) -
         assert rendered["helm3", values] == rendered["helm4", values]
 
 
+def _kubernetes_versions() -> list[str]:
+    """The chart's minimum Kubernetes (Chart.yaml kubeVersion) and the newest schemas shipped."""
+    floor = re.match(r">=\s*(\d+\.\d+)", load_yaml(CHART / "Chart.yaml")["kubeVersion"])
+    assert floor, "Chart.yaml kubeVersion must read >=MAJOR.MINOR"
+    try:
+        import kubernetes_validate
+    except ImportError:
+        return [floor.group(1)]
+    return [floor.group(1), kubernetes_validate.latest_version()]
+
+
+@pytest.mark.parametrize("kubernetes", _kubernetes_versions())
 @pytest.mark.parametrize("values", VALUES)
-def test_every_rendered_manifest_is_valid_for_current_kubernetes(
-    rendered: dict[Any, Any], values: str
+def test_every_rendered_manifest_is_valid_for_the_oldest_and_newest_kubernetes(
+    rendered: dict[Any, Any], values: str, kubernetes: str
 ) -> None:
-    kubernetes_validate = pytest.importorskip("kubernetes_validate")
-    version = kubernetes_validate.latest_version()
+    kubernetes_validate = module("kubernetes_validate")
     for doc in rendered["helm4", values]:
-        kubernetes_validate.validate(doc, version, strict=True)
+        kubernetes_validate.validate(doc, kubernetes, strict=True)
 
 
 def test_the_chart_crd_is_the_generated_crd_plus_release_labels(rendered: dict[Any, Any]) -> None:

@@ -13,6 +13,7 @@ from install_support import (
     apply_defaults,
     crd_schema,
     load_yaml,
+    module,
     to_jsonschema,
     walk,
 )
@@ -149,7 +150,7 @@ def test_printer_columns_point_at_fields_that_exist() -> None:
 
 
 def test_the_crd_is_a_valid_customresourcedefinition_for_current_kubernetes() -> None:
-    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    kubernetes_validate = module("kubernetes_validate")
     version = kubernetes_validate.latest_version()
     kubernetes_validate.validate(load_yaml(CRD_PATH), version, strict=True)
 
