@@ -3,13 +3,16 @@ cluster here): shellcheck, referenced files and chart values exist, documented c
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
 import pytest
+import yaml
 from install_support import CHART, ROOT, load_yaml, run, tool
 
 from sgdjob.api.crd import PRINTER_COLUMNS
+from sgdjob.api.validation import parse_job
 
 E2E = ROOT / "hack" / "kind-e2e.sh"
 DOC = ROOT / "docs" / "install.md"
@@ -115,3 +118,22 @@ def test_the_install_doc_samples_match_the_crd_printer_columns() -> None:
     wide = normal + [c["name"].upper() for c in PRINTER_COLUMNS if c.get("priority")]
     assert headers == [normal, wide]
     assert "sample" in text.lower()
+
+
+def test_the_e2e_scripts_slowed_down_job_is_still_a_valid_sgdjob() -> None:
+    """Run the script's own `kubectl patch --local` (offline) and validate what it applies."""
+    text = E2E.read_text(encoding="utf-8")
+    match = re.search(r'-p "(\{.*\})"', text)
+    assert match, 'kind-e2e.sh: no `-p "{...}"` merge patch found'
+    patch = match.group(1).replace('\\"', '"').replace("$SLOW_MS", "100")
+    default = re.search(r'^EXAMPLE="\$\{EXAMPLE:-([^}]+)\}"', text, re.M)
+    assert default
+    flags = ["--local", "-f", default.group(1), "--type", "merge", "-o", "yaml", "-p", patch]
+    result = run(
+        [tool("kubectl"), "patch", *flags],
+        cwd=ROOT,
+        env={**os.environ, "KUBECONFIG": os.devnull},
+    )
+    assert result.returncode == 0, result.stderr
+    job = parse_job(yaml.safe_load(result.stdout))
+    assert job.spec.debug.slow_workers == {0: 100, 1: 100}
