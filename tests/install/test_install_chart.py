@@ -235,3 +235,19 @@ def test_every_value_is_documented_helm_docs_style() -> None:
     assert not undocumented, "\n".join(undocumented)
     values = load_yaml(CHART / "values.yaml")
     assert values["watchNamespaces"] == [] and values["clusterDomain"] == "cluster.local"
+
+
+def test_rbac_and_the_service_account_can_be_brought_by_the_user() -> None:
+    docs = helm_template(
+        "helm4",
+        "--set",
+        "rbac.create=false",
+        "--set",
+        "serviceAccount.create=false",
+        "--set",
+        "serviceAccount.name=existing",
+    )
+    kinds = {d["kind"] for d in docs}
+    assert not kinds & {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role"}
+    pod = _one(docs, "Deployment")["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "existing"
