@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-slow lint bench crd clean
+.PHONY: setup tools run test test-slow lint bench crd e2e-kind clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# helm 4 and 3, kubectl and shellcheck for tests/install, cached in .tools/ (idempotent).
+tools: $(STAMP)
+	PYTHON=$(PY) .ci/install-tools.sh
+
 run: $(STAMP)
 	$(VENV)/bin/sgdjob run examples/digits-sync.yaml
 
@@ -28,7 +32,7 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
-test: lint
+test: lint tools
 	$(PY) -m pytest -m "not slow and not netns" $(PYTEST_ARGS)
 
 test-slow: $(STAMP)
@@ -39,6 +43,11 @@ bench: $(STAMP)
 
 crd: $(STAMP)
 	$(VENV)/bin/sgdjob crd > crds/sgdjob.dev_sgdjobs.yaml
+	cp crds/sgdjob.dev_sgdjobs.yaml charts/sgdjob-operator/files/sgdjob.dev_sgdjobs.yaml
+
+# Opt-in: kind cluster, both images, helm install, a job surviving a killed worker.
+e2e-kind:
+	hack/kind-e2e.sh
 
 clean:
-	rm -rf $(VENV) runs bench/results .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) runs bench/results .pytest_cache .mypy_cache .ruff_cache .tools
