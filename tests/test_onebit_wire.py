@@ -17,20 +17,41 @@ from tests.test_shard import TOKEN, make_shard
 BUCKET = 8
 
 
-def onebit_push(worker: int, grad: np.ndarray, version: int, *, bits: bytes | None = None,
-                scales: bytes | None = None, bucket: int = BUCKET) -> Incoming:
+def onebit_push(
+    worker: int,
+    grad: np.ndarray,
+    version: int,
+    *,
+    bits: bytes | None = None,
+    scales: bytes | None = None,
+    bucket: int = BUCKET,
+) -> Incoming:
     enc = quantize(grad.astype(np.float32), bucket)
     b = enc.bits.tobytes() if bits is None else bits
     s = enc.scales.tobytes() if scales is None else scales
-    h = Header(op=Op.PUSH, token=TOKEN, worker=worker, version=version, step=version,
-               offset=0, count=grad.size, nbytes=len(b) + len(s), nframes=2,
-               dtype=DType.ONEBIT, compression=Compression.ONEBIT, bucket_size=bucket)
+    h = Header(
+        op=Op.PUSH,
+        token=TOKEN,
+        worker=worker,
+        version=version,
+        step=version,
+        offset=0,
+        count=grad.size,
+        nbytes=len(b) + len(s),
+        nframes=2,
+        dtype=DType.ONEBIT,
+        compression=Compression.ONEBIT,
+        bucket_size=bucket,
+    )
     return Incoming(identity=b"w%d" % worker, header=h.pack(), frames=[zmq.Frame(b), zmq.Frame(s)])
 
 
 def onebit_shard(**training: Any) -> Any:
-    return make_shard(count=20, compression={"kind": "onebit", "bucketSize": BUCKET},
-                      training={"momentum": 0.0, "lr": 1.0, **training})
+    return make_shard(
+        count=20,
+        compression={"kind": "onebit", "bucketSize": BUCKET},
+        training={"momentum": 0.0, "lr": 1.0, **training},
+    )
 
 
 def test_a_sync_step_decodes_every_push_into_one_accumulator() -> None:
@@ -42,6 +63,7 @@ def test_a_sync_step_decodes_every_push_into_one_accumulator() -> None:
     q = np.zeros(20, np.float32)
     for g in (g0, g1):
         from sgdjob.compression import decode_into
+
         enc = quantize(g, BUCKET)
         decode_into(q, enc.bits, enc.scales, count=20, bucket_size=BUCKET)
     np.testing.assert_allclose(shard.params, 1.0 - q / 2, rtol=1e-6)
@@ -53,12 +75,15 @@ ENC = quantize(GOOD, BUCKET)
 BAD_ONEBIT = {
     "short bits": lambda: onebit_push(0, GOOD, 0, bits=ENC.bits.tobytes()[:-1]),
     "long scales": lambda: onebit_push(0, GOOD, 0, scales=ENC.scales.tobytes() + bytes(8)),
-    "nan scale": lambda: onebit_push(0, GOOD, 0, scales=np.array(
-        [[np.nan, 1.0]] * 3, np.float32).tobytes()),
-    "inf scale": lambda: onebit_push(0, GOOD, 0, scales=np.array(
-        [[-1.0, np.inf]] * 3, np.float32).tobytes()),
-    "a bucket that does not exist": lambda: onebit_push(0, GOOD, 0, scales=np.array(
-        [[-1.0, 1.0]] * 4, np.float32).tobytes()),
+    "nan scale": lambda: onebit_push(
+        0, GOOD, 0, scales=np.array([[np.nan, 1.0]] * 3, np.float32).tobytes()
+    ),
+    "inf scale": lambda: onebit_push(
+        0, GOOD, 0, scales=np.array([[-1.0, np.inf]] * 3, np.float32).tobytes()
+    ),
+    "a bucket that does not exist": lambda: onebit_push(
+        0, GOOD, 0, scales=np.array([[-1.0, 1.0]] * 4, np.float32).tobytes()
+    ),
     "another bucket size": lambda: onebit_push(0, GOOD, 0, bucket=16),
 }
 
@@ -101,23 +126,34 @@ def test_error_feedback_keeps_everything_that_was_not_sent() -> None:
 
 
 def test_onebit_with_error_feedback_ends_within_a_point_of_fp32(run_job: Any) -> None:
-    common = {"parameterServers": {"shards": 2}, "workers": {"replicas": 2},
-              "model": {"builtin": "mlp", "hidden": [64]}, "training": {"maxSteps": 400}}
+    common = {
+        "parameterServers": {"shards": 2},
+        "workers": {"replicas": 2},
+        "model": {"builtin": "mlp", "hidden": [64]},
+        "training": {"maxSteps": 400},
+    }
     fp32, _ = run_job(job_doc("fp32", **common), subdir="f")
     ob, _ = run_job(job_doc("ob", compression={"kind": "onebit"}, **common), subdir="o")
-    no_ef, _ = run_job(job_doc("noef", compression={"kind": "onebit", "errorFeedback": False},
-                               **common), subdir="n")
-    print(f"fp32 {fp32['finalAccuracy']:.4f}  onebit+EF {ob['finalAccuracy']:.4f}  "
-          f"onebit without EF {no_ef['finalAccuracy']:.4f}")
+    no_ef, _ = run_job(
+        job_doc("noef", compression={"kind": "onebit", "errorFeedback": False}, **common),
+        subdir="n",
+    )
+    print(
+        f"fp32 {fp32['finalAccuracy']:.4f}  onebit+EF {ob['finalAccuracy']:.4f}  "
+        f"onebit without EF {no_ef['finalAccuracy']:.4f}"
+    )
     assert ob["finalAccuracy"] >= fp32["finalAccuracy"] - 0.01
     assert no_ef["finalAccuracy"] <= ob["finalAccuracy"]  # why error feedback matters
 
 
 def test_onebit_sends_at_most_a_28th_of_fp32_bytes_per_step(run_job: Any) -> None:
     # A ~600k-parameter model, so the 96-byte headers and per-step reports are negligible.
-    common = {"model": {"builtin": "mlp", "hidden": [1024, 512]},
-              "training": {"maxSteps": 6, "evalInterval": 100},
-              "parameterServers": {"shards": 2}, "workers": {"replicas": 1}}
+    common = {
+        "model": {"builtin": "mlp", "hidden": [1024, 512]},
+        "training": {"maxSteps": 6, "evalInterval": 100},
+        "parameterServers": {"shards": 2},
+        "workers": {"replicas": 1},
+    }
     fp32, _ = run_job(job_doc("b32", **common), subdir="f")
     ob, _ = run_job(job_doc("b1", compression={"kind": "onebit"}, **common), subdir="o")
     sent_fp32 = fp32["workerStats"]["0"]["bytesSent"]
@@ -125,15 +161,23 @@ def test_onebit_sends_at_most_a_28th_of_fp32_bytes_per_step(run_job: Any) -> Non
     assert sent_ob * 28 <= sent_fp32
 
 
-@pytest.mark.parametrize("training", [
-    {"backupWorkers": 1},
-    {"mode": "async", "staleness": "zhang"},
-    {"mode": "downpour", "fetchEvery": 2, "pushEvery": 2},
-], ids=["backup", "async", "downpour"])
+@pytest.mark.parametrize(
+    "training",
+    [
+        {"backupWorkers": 1},
+        {"mode": "async", "staleness": "zhang"},
+        {"mode": "downpour", "fetchEvery": 2, "pushEvery": 2},
+    ],
+    ids=["backup", "async", "downpour"],
+)
 def test_onebit_works_in_every_mode_both_directions(run_job: Any, training: dict) -> None:  # type: ignore[type-arg]
-    doc = job_doc("modes", workers={"replicas": 2}, parameterServers={"shards": 2},
-                  compression={"kind": "onebit", "serverToWorker": True, "bucketSize": 64},
-                  training={"maxSteps": 120, **training})
+    doc = job_doc(
+        "modes",
+        workers={"replicas": 2},
+        parameterServers={"shards": 2},
+        compression={"kind": "onebit", "serverToWorker": True, "bucketSize": 64},
+        training={"maxSteps": 120, **training},
+    )
     summary, _ = run_job(doc)
     assert summary["finalAccuracy"] > 0.8
     assert not summary["rejectedMessages"]

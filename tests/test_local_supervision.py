@@ -1,0 +1,108 @@
+"""The local executor under the shared supervision policy: kill -9 and a straggler."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from sgdjob.api.validation import parse_job
+from sgdjob.launcher import LocalJob
+from tests.conftest import job_doc
+
+
+def run_with(lj: LocalJob, during: Any) -> None:
+    """Start, run ``during(lj)`` in a thread while supervising, always stop."""
+    try:
+        lj.start()
+        t = threading.Thread(target=during, args=(lj,), daemon=True)
+        t.start()
+        lj.wait()
+        t.join(timeout=30)
+    finally:
+        lj.stop()
+
+
+def wait_for_step(lj: LocalJob, step: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        s = lj.status()
+        if s and s.get("step", 0) >= step:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the job never reached step {step}")
+
+
+def test_a_worker_killed_with_sigkill_is_restarted_and_the_job_matches_a_clean_run(
+    tmp_path: Path, run_job: Any
+) -> None:
+    doc = job_doc(
+        "kill", parameterServers={"shards": 2}, workers={"replicas": 2}, training={"maxSteps": 150}
+    )
+    clean, _ = run_job(doc, subdir="clean")
+
+    def kill_worker_1(lj: LocalJob) -> None:
+        wait_for_step(lj, 40)
+        proc = lj.workers[1].proc
+        assert proc is not None
+        os.kill(proc.pid, signal.SIGKILL)
+
+    lj = LocalJob(parse_job(doc), output=tmp_path / "killed", progress=False)
+    run_with(lj, kill_worker_1)
+    assert [name for name, _ in lj.restarted] == ["worker-1"]
+    assert "SIGKILL" in lj.restarted[0][1] or "137" in lj.restarted[0][1]
+    assert lj.counters.replicas["worker-1"].restarts == 1
+    import json
+
+    summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
+    assert summary["version"] == 150
+    assert abs(summary["finalAccuracy"] - clean["finalAccuracy"]) <= 0.01
+
+
+def test_a_straggling_worker_is_replaced_and_the_job_completes(tmp_path: Path) -> None:
+    # Worker 1's first attempt sleeps 40 ms a step (a slow machine); others take ~1-3 ms.
+    doc = job_doc(
+        "straggle",
+        workers={"replicas": 3},
+        training={"maxSteps": 300, "mode": "async"},
+        debug={"slowWorkers": {1: 40}},
+        supervision={"straggler": {"factor": 3.0, "windows": 3, "maxReplacements": 1}},
+    )
+    lj = LocalJob(parse_job(doc), output=tmp_path, progress=False)
+    run_with(lj, lambda _: None)
+    assert [name for name, _ in lj.restarted] == ["worker-1"]
+    assert "straggler" in lj.restarted[0][1]
+    assert lj.counters.replicas["worker-1"].replacements == 1
+    assert (tmp_path / "summary.json").exists()
+
+
+def test_an_exhausted_restart_budget_fails_the_job_naming_the_worker(tmp_path: Path) -> None:
+    import pytest
+
+    from sgdjob.launcher import LaunchError
+
+    doc = job_doc(
+        "budget",
+        workers={"replicas": 2},
+        training={"maxSteps": 100000},
+        supervision={"maxRestarts": 1},
+    )
+
+    def kill_twice(lj: LocalJob) -> None:
+        for attempt in (0, 1):
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                r = lj.workers[0]
+                if r.attempt == attempt and r.proc is not None and r.proc.poll() is None:
+                    s = lj.status() or {}
+                    if s.get("workers", {}).get("0", {}).get("hellos", 0) > attempt:
+                        os.kill(r.proc.pid, signal.SIGKILL)
+                        break
+                time.sleep(0.05)
+
+    lj = LocalJob(parse_job(doc), output=tmp_path, progress=False)
+    with pytest.raises(LaunchError, match=r"worker 0 .*after 1 restarts"):
+        run_with(lj, kill_twice)
