@@ -30,15 +30,15 @@ def test_a_straggler_is_outrun_by_one_backup_worker_and_its_gradients_dropped(
 
 def test_async_with_four_workers_ends_within_two_points_of_sync(run_job: Any) -> None:
     common = {"workers": {"replicas": 4}, "parameterServers": {"shards": 2}}
-    sync, _ = run_job(job_doc("sync4", training={"maxSteps": 150}, **common), subdir="s")
+    sync, _ = run_job(job_doc("sync4", training={"maxSteps": 250}, **common), subdir="s")
     asyn, _ = run_job(
         job_doc(
-            "async4", training={"maxSteps": 150, "mode": "async", "staleness": "zhang"}, **common
+            "async4", training={"maxSteps": 250, "mode": "async", "staleness": "zhang"}, **common
         ),
         subdir="a",
     )
-    assert asyn["version"] == 4 * 150  # every gradient applied on arrival
-    assert asyn["staleness"]["count"] == 4 * 150
+    assert asyn["version"] == 4 * 250  # every gradient applied on arrival
+    assert asyn["staleness"]["count"] == 4 * 250
     assert abs(asyn["finalAccuracy"] - sync["finalAccuracy"]) <= 0.02
 
 

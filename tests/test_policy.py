@@ -166,6 +166,35 @@ def test_a_failed_shard_fails_the_job_with_a_clear_message() -> None:
     assert "shard 0" in d.message and "checkpoints" in d.message
 
 
+@pytest.mark.parametrize(
+    ("exit_code", "restarts", "max_restarts", "expected"),
+    [
+        (137, 0, 3, ["Recreate"]),  # killed: restored from its checkpoint
+        (137, 3, 3, ["Fail"]),  # the shard's own budget is spent
+        (1, 0, 3, ["Fail"]),  # its own error: permanent, not retried
+    ],
+)
+def test_a_failed_shard_with_surviving_checkpoints_is_restarted_within_its_budget(
+    exit_code: int, restarts: int, max_restarts: int, expected: list[str]
+) -> None:
+    observed = all_running()
+    observed[0] = ObservedReplica(role="ps", index=0, phase="Failed", exit_code=exit_code)
+    counters = seen()
+    counters.replicas["ps-0"] = ReplicaSupervision(seen=True, restarts=restarts)
+    d = decide(
+        spec=spec(maxRestarts=max_restarts),
+        replicas=observed,
+        counters=counters,
+        progress=None,
+        now=NOW,
+        start_time=NOW - 10,
+        shards_recoverable=True,
+    )
+    assert [k for k in kinds(d) if k in ("Recreate", "Fail")] == expected
+    if expected == ["Recreate"]:
+        assert d.counters.replicas["ps-0"].restarts == restarts + 1
+
+
 @pytest.mark.parametrize(("role", "expected"), [("worker", ["Recreate"]), ("ps", ["Fail"])])
 def test_a_replica_that_vanished_after_being_seen_counts_as_deleted(
     role: str, expected: list[str]

@@ -8,7 +8,9 @@ the caller may overwrite the buffer (``wait_sent``).
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +43,22 @@ class ShardUnavailable(RuntimeError):
 
 class ShardRejected(RuntimeError):
     """A shard answered ERROR: this worker is misconfigured (wrong model, token, ...)."""
+
+
+class ShardRestarted(RuntimeError):
+    """Shard ``shard`` is a new process (new incarnation); the client already said hello again.
+
+    ``version`` is the version the shard restored; in sync mode it may have gone back, and the
+    worker resumes from there.
+    """
+
+    def __init__(self, shard: int, version: int = 0) -> None:
+        super().__init__(f"shard {shard} restarted (now at version {version})")
+        self.shard = shard
+        self.version = version
+
+
+RETRY_S = 2.0  # an unanswered request is re-sent this often (it may have died with a shard)
 
 
 @dataclass(frozen=True)
@@ -82,6 +100,9 @@ class ShardClient:
         self.slices: list[Slice] = []
         self.incarnations: list[int] = []
         self.trackers: list[zmq.MessageTracker] = []
+        self.seq = 0  # pull request number, echoed by the shards to tell stale replies apart
+        self.total_size = 0
+        self.total_steps = 0
 
     @property
     def bytes_sent(self) -> int:
@@ -94,32 +115,59 @@ class ShardClient:
     def _header(self, op: Op, shard: int, **kw: object) -> Header:
         return Header(op=op, token=self.token, worker=self.worker, shard=shard, **kw)  # type: ignore[arg-type]
 
-    def _recv(self, shard: int, expect: Op) -> tuple[Header, Incoming]:
+    def _recv(
+        self,
+        shard: int,
+        expect: Op,
+        *,
+        resend: Callable[[], None] | None = None,
+        seq: int | None = None,
+        check_incarnation: bool = True,
+    ) -> tuple[Header, Incoming]:
+        """The next ``expect`` reply from ``shard``; stale replies to older requests are skipped.
+
+        Raises ShardRestarted when the reply comes from another incarnation than the one we
+        greeted (or the shard no longer knows us), ShardRejected on any other ERROR, and
+        ShardUnavailable after the communication timeout.
+        """
         ep = self.endpoints[shard]
         deadline = time.monotonic() + self.timeout_ms / 1000
+        next_resend = time.monotonic() + RETRY_S
         while True:
-            left = int((deadline - time.monotonic()) * 1000)
-            if left <= 0 or not ep.poll(left):
+            now = time.monotonic()
+            if now >= deadline:
                 raise ShardUnavailable(
                     f"shard {shard} sent no {expect.name} for {self.timeout_ms / 1000:.0f}s"
                 )
+            until = min(deadline, next_resend) if resend is not None else deadline
+            if not ep.poll(max(1, int((until - now) * 1000))):
+                if resend is not None and time.monotonic() >= next_resend:
+                    resend()
+                    next_resend = time.monotonic() + RETRY_S
+                continue
             msg = ep.recv()
             if msg is None:
                 continue
             h = parse_header(msg.header, token=self.token)
+            known = self.incarnations[shard] if self.incarnations else None
+            if check_incarnation and known is not None and h.incarnation != known:
+                raise ShardRestarted(shard)
             if h.op == Op.ERROR:
+                if h.error == ErrorCode.UNKNOWN_WORKER:
+                    raise ShardRestarted(shard)
                 raise ShardRejected(f"shard {shard} rejected a request: {h.error.name}")
-            if h.op != expect:
-                raise ProtocolError(ErrorCode.BAD_OP, f"expected {expect.name}, got {h.op.name}")
+            if h.op != expect or (seq is not None and h.step < seq):
+                continue  # a late answer to a request we already gave up on or re-sent
             return h, msg
 
     def hello(self, total_size: int, *, total_steps: int) -> Welcome:
         """Register with every shard; they learn the model size and the steps per worker."""
-        for k, ep in enumerate(self.endpoints):
-            ep.send(self._header(Op.HELLO, k, step=total_steps, aux=float(total_size)))
+        self.total_size, self.total_steps = total_size, total_steps
+        for k in range(len(self.endpoints)):
+            self._send_hello(k)
         slices, incs, versions, steps = [], [], [], []
         for k in range(len(self.endpoints)):
-            h, _ = self._recv(k, Op.WELCOME)
+            h, _ = self._recv(k, Op.WELCOME, resend=functools.partial(self._send_hello, k))
             slices.append(Slice(shard=k, offset=h.offset, count=h.count))
             incs.append(h.incarnation)
             versions.append(h.version)
@@ -140,6 +188,24 @@ class ShardClient:
         return Welcome(
             slice=slices[0], version=min(versions), incarnation=incs[0], resume_step=steps[0]
         )
+
+    def _send_hello(self, k: int) -> None:
+        self.endpoints[k].send(
+            self._header(Op.HELLO, k, step=self.total_steps, aux=float(self.total_size))
+        )
+
+    def resync(self, k: int) -> int:
+        """Say hello again to a restarted shard; returns the version it restored."""
+        self._send_hello(k)
+        h, _ = self._recv(
+            k, Op.WELCOME, resend=lambda: self._send_hello(k), check_incarnation=False
+        )
+        if Slice(shard=k, offset=h.offset, count=h.count) != self.slices[k]:
+            raise ShardRejected(f"restarted shard {k} owns another slice")
+        self.incarnations[k] = h.incarnation
+        # Our 1-bit residual for that slice stays valid (it lives here); the shard kept no
+        # mirror of us, so its next answer is full parameters (see sgdjob.mirror).
+        return h.version
 
     def push(self, grads: np.ndarray | torch.Tensor, *, versions: list[int], step: int) -> None:
         """Send each shard its slice of ``grads`` computed on that shard's ``versions[k]``.
@@ -197,13 +263,28 @@ class ShardClient:
     def pull(
         self, params: np.ndarray, *, min_version: int, final: bool = False
     ) -> tuple[list[int], bool]:
-        """Fill ``params`` from every shard; returns (each shard's version, finished)."""
+        """Fill ``params`` from every shard; returns (each shard's version, finished).
+
+        Raises ShardRestarted (after resyncing with that shard) when a shard turned out to be
+        a new process: the caller decides where to resume and pulls again.
+        """
         flags = Flags.FINISHED if final else Flags.NONE
-        for k, ep in enumerate(self.endpoints):
-            ep.send(self._header(Op.PULL, k, version=min_version, flags=flags))
+        self.seq += 1
+        seq = self.seq
+
+        def send_pull(k: int) -> None:
+            self.endpoints[k].send(
+                self._header(Op.PULL, k, version=min_version, flags=flags, step=seq)
+            )
+
+        for k in range(len(self.endpoints)):
+            send_pull(k)
         versions, finished = [], True
         for k, s in enumerate(self.slices):
-            h, msg = self._recv(k, Op.PARAMS)
+            try:
+                h, msg = self._recv(k, Op.PARAMS, resend=functools.partial(send_pull, k), seq=seq)
+            except ShardRestarted:
+                raise ShardRestarted(k, self.resync(k)) from None
             check_range(h, offset=s.offset, count=s.count)
             if h.count != s.count:
                 raise ProtocolError(ErrorCode.BAD_RANGE, f"shard {k} sent {h.count} elements")

@@ -172,6 +172,8 @@ class LocalJob:
         # Restarted shards must come back on the same endpoints: pin them in the contract.
         for r, addr in zip(self.shards, addrs, strict=True):
             r.contract = replace(r.contract, bind=addr)
+        status_host_port = self.status_url.removeprefix("http://").removesuffix("/status")
+        self.shards[0].contract = replace(self.shards[0].contract, status_bind=status_host_port)
         n = self.spec.workers.replicas + self.spec.training.backup_workers
         for i in range(n):
             w = Replica(
@@ -240,6 +242,7 @@ class LocalJob:
         while True:
             status = self.status()
             d = decide(
+                shards_recoverable=self.spec.checkpoint.every is not None,
                 spec=self.spec,
                 replicas=self.observe(),
                 counters=self.counters,

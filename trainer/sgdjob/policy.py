@@ -10,7 +10,8 @@ resets when the pod is recreated).
 
 Interface::
 
-    decide(*, spec, replicas, counters, progress, now, start_time) -> Decision
+    decide(*, spec, replicas, counters, progress, now, start_time,
+           shards_recoverable=False) -> Decision
 
 - ``spec``: the validated :class:`~sgdjob.api.types.SGDJobSpec` (``spec.supervision``).
 - ``replicas``: one :class:`ObservedReplica` per replica the executor can see; replicas it
@@ -45,8 +46,11 @@ Failure classification (workers): exit code 0 is success; OOMKilled, Evicted, De
 after being seen), Preempted, NodeLost, Shutdown and exit codes >= 128 (killed by a signal)
 are retryable and restart the replica while ``supervision.maxRestarts`` lasts; exit codes
 1..127 are permanent (e.g. 1/2 for an invalid spec or a usage error) and fail the job at once.
-A failed shard fails the job: shard checkpoints do not exist yet, so a restarted shard would
-start from fresh parameters.
+A failed shard is restarted like a worker (same classification, same budget) when the
+executor says its checkpoints survive it (``shards_recoverable``: the local executor with
+``checkpoint.every`` set; the operator when, in addition, the output is a PersistentVolumeClaim
+shared by the job's pods). Otherwise it fails the job at once: a restarted shard would start
+from fresh parameters, and pretending to recover would silently lose the training.
 
 Stragglers: each time the coordinator's global step advances (a "window"), a worker whose step
 time exceeds ``factor`` x the median of the workers' step times gets one more slow window
@@ -238,6 +242,7 @@ def decide(
     progress: Progress | None,
     now: float,
     start_time: float | None,
+    shards_recoverable: bool = False,
 ) -> Decision:
     """One supervision pass; see the module docstring for the contract."""
     sup = spec.supervision
@@ -313,24 +318,27 @@ def decide(
         if failure is not None:
             code, reason = failure
             what = describe_exit(code, reason)
-            if role == "ps":
+            label = f"worker {index}" if role == "worker" else f"parameter-server shard {index}"
+            if role == "ps" and not shards_recoverable:
                 state[name] = rs
                 return fail(
                     "ShardFailed",
-                    f"parameter-server shard {index} failed ({what}); shards have no "
-                    "checkpoints yet, so the job cannot continue without losing its parameters",
+                    f"parameter-server shard {index} failed ({what}); its checkpoints do not "
+                    "survive it here (checkpoint.every is unset, or, on Kubernetes, no "
+                    "kubernetes.outputClaimName), so the job cannot continue without losing "
+                    "its parameters",
                 )
             if not is_retryable(code, reason):
                 state[name] = rs
                 return fail(
-                    "WorkerFailedPermanently",
-                    f"worker {index} failed ({what}): a permanent error, not retried",
+                    "WorkerFailedPermanently" if role == "worker" else "ShardFailedPermanently",
+                    f"{label} failed ({what}): a permanent error, not retried",
                 )
             if rs.restarts >= sup.max_restarts:
                 state[name] = rs
                 return fail(
                     "RestartBudgetExhausted",
-                    f"worker {index} failed ({what}) after {rs.restarts} restarts "
+                    f"{label} failed ({what}) after {rs.restarts} restarts "
                     f"(maxRestarts {sup.max_restarts})",
                 )
             rs = rs.model_copy(

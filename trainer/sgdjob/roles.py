@@ -92,6 +92,7 @@ def run_shard_process(contract: ProcessContract, spec: SGDJobSpec, token: bytes)
     import torch
     import zmq
 
+    from sgdjob.checkpoint import Checkpointer
     from sgdjob.data import dataset_dims
     from sgdjob.httpstatus import serve_status
     from sgdjob.models import FlatModel, build_model
@@ -129,6 +130,24 @@ def run_shard_process(contract: ProcessContract, spec: SGDJobSpec, token: bytes)
         incarnation=secrets.randbits(32),
         chunk_bytes=4 << 20,
     )
+    every = spec.checkpoint.every
+    ckpt = None
+    if every:
+        s = slices[k]
+        ckpt = Checkpointer(
+            Path(contract.output_dir) / "checkpoints" / f"shard-{k}",
+            shard=k,
+            offset=s.offset,
+            count=s.count,
+            keep=spec.checkpoint.keep,
+        )
+        state = ckpt.load_latest()
+        if state is not None:
+            shard.restore(state)
+            log.warning(
+                "shard %d: restored version %d from its newest valid checkpoint", k, state.version
+            )
+    last_saved = shard.version
     status_port = 0
     if contract.status_bind:
 
@@ -161,6 +180,11 @@ def run_shard_process(contract: ProcessContract, spec: SGDJobSpec, token: bytes)
                     stats.reject("TRUNCATED")
                 else:
                     shard.handle(msg)
+                    if ckpt is not None and every and shard.version - last_saved >= every:
+                        # Synchronous on purpose: once version v is acknowledged, a crash
+                        # loses at most `every` versions, never a half-written file.
+                        ckpt.save(shard.state())
+                        last_saved = shard.version
             if metrics:
                 metrics.tick()
             if shard.should_exit() and (k != 0 or stats.final_report is not None):

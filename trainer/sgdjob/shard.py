@@ -37,6 +37,7 @@ import numpy as np
 import zmq
 
 from sgdjob.api.types import SGDJobSpec
+from sgdjob.checkpoint import ShardState
 from sgdjob.compression import CompressionError, decode_into, validate_payload
 from sgdjob.mirror import ParameterMirror
 from sgdjob.protocol import (
@@ -72,6 +73,7 @@ class PendingPull:
     worker: int
     min_version: int
     final: bool
+    seq: int  # the worker's request number, echoed in PARAMS (``step``)
 
 
 class Shard:
@@ -122,6 +124,8 @@ class Shard:
         self.bucket_size = comp.bucket_size
         self.server_to_worker = self.onebit and comp.server_to_worker
         self.mirrors: dict[int, ParameterMirror] = {}  # worker -> what it holds (serverToWorker)
+        self.greeted: set[int] = set()  # workers that said hello to this process
+        self.restored_from: int | None = None  # version of the checkpoint this process loaded
         stats.incarnation = incarnation
 
     # -- state ---------------------------------------------------------------------------
@@ -133,6 +137,41 @@ class Shard:
 
     def should_exit(self) -> bool:
         return len(self.done) >= self.n_workers and not self.pulls
+
+    def state(self) -> ShardState:
+        """What a checkpoint holds (copies are made by the encoder, not here)."""
+        arrays = {"params": self.params, "momentum": self.opt.buf}
+        if self.rule.odena is not None:
+            arrays["odenaMeanAbs"] = self.rule.odena.mean_abs
+        with self.stats.lock:
+            extra = {"samples": self.stats.samples, "started": self.stats.started}
+        return ShardState(
+            shard=self.slice.shard,
+            offset=self.slice.offset,
+            count=self.slice.count,
+            version=self.version,
+            total_steps=self.total_steps,
+            arrays=arrays,
+            next_step=dict(self.next_step),
+            extra=extra,
+        )
+
+    def restore(self, state: ShardState) -> None:
+        """Continue from a checkpoint of this slice (``checkpoint.decode`` verified it)."""
+        np.copyto(self.params, state.arrays["params"])
+        np.copyto(self.opt.buf, state.arrays["momentum"])
+        if self.rule.odena is not None and "odenaMeanAbs" in state.arrays:
+            np.copyto(self.rule.odena.mean_abs, state.arrays["odenaMeanAbs"])
+        self.version = state.version
+        self.total_steps = state.total_steps
+        self.next_step = dict(state.next_step)
+        self.restored_from = state.version
+        with self.stats.lock:
+            self.stats.version = state.version
+            self.stats.total_steps = state.total_steps
+            self.stats.samples = int(state.extra.get("samples", 0))
+            self.stats.started = float(state.extra.get("started", self.stats.started))
+            self.stats.restored_from = state.version
 
     def checksum(self) -> int:
         import zlib
@@ -166,6 +205,10 @@ class Shard:
             raise ProtocolError(ErrorCode.BAD_SHARD, f"shard {h.shard} sent to {self.slice.shard}")
         if msg.identity is None:
             raise ProtocolError(ErrorCode.BAD_STATE, "no peer identity")
+        if h.op in (Op.PUSH, Op.PULL, Op.REPORT) and h.worker not in self.greeted:
+            # This shard process never met the worker: it restarted since. The ERROR reply
+            # carries the new incarnation, so the worker says hello again and resyncs.
+            raise ProtocolError(ErrorCode.UNKNOWN_WORKER, f"worker {h.worker} must say hello")
         if h.op == Op.HELLO:
             self._hello(h, msg.identity, msg)
         elif h.op == Op.PUSH:
@@ -203,6 +246,7 @@ class Shard:
                 ErrorCode.BAD_STATE,
                 f"worker runs {h.step} steps, the other workers run {self.total_steps}",
             )
+        self.greeted.add(h.worker)
         self.done.discard(h.worker)  # a restarted worker is back in the game
         self.mirrors.pop(h.worker, None)  # ... and holds no parameters: next pull is full
         self.stats.record_hello(h.worker)
@@ -283,8 +327,10 @@ class Shard:
                 ErrorCode.BAD_STATE, f"gradient for version {h.version}, shard is at {self.version}"
             )
         if self.mode == "sync":
-            if h.version < self.version:
-                self.stats.record_drop(h.worker)  # a backup worker lost the race for this step
+            if h.version < self.version or self.finished:
+                # A backup worker lost the race for this step, or this shard already ran
+                # every step (another shard restarted and the workers replay its steps).
+                self.stats.record_drop(h.worker)
                 return
             if h.worker in self.pending:
                 return  # a restarted worker re-sent the step: the same gradient, keep one
@@ -349,11 +395,16 @@ class Shard:
 
     def _pull(self, h: Header, identity: bytes, msg: Incoming) -> None:
         self._expect_no_payload(h, msg)
-        self.stats.record_pull(h.worker)
         final = bool(h.flags & Flags.FINISHED)
         if final:
             self.done.add(h.worker)  # "give me the final parameters" is the last request
-        self.pulls.append(PendingPull(identity, h.worker, h.version, final))
+        # A worker re-sends a pull that went unanswered for a while (the reply or the request
+        # may have died with a previous shard process); keep only its newest request.
+        resent = any(p.worker == h.worker for p in self.pulls)
+        self.pulls = [p for p in self.pulls if p.worker != h.worker]
+        if not resent:
+            self.stats.record_pull(h.worker)
+        self.pulls.append(PendingPull(identity, h.worker, h.version, final, h.step))
         self._serve_pulls()
 
     def _report(self, h: Header, msg: Incoming) -> None:
@@ -393,6 +444,7 @@ class Shard:
                     shard=self.slice.shard,
                     incarnation=self.incarnation,
                     version=self.version,
+                    step=p.seq,
                     offset=self.slice.offset,
                     count=self.slice.count,
                     nbytes=enc.nbytes,
@@ -419,6 +471,7 @@ class Shard:
             shard=self.slice.shard,
             incarnation=self.incarnation,
             version=self.version,
+            step=p.seq,
             offset=self.slice.offset,
             count=self.slice.count,
             nbytes=self.params.nbytes,

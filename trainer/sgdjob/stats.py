@@ -57,6 +57,7 @@ class ShardStats:
         self.total_steps: int | None = None
         self.version = 0
         self.incarnation = 0
+        self.restored_from: int | None = None
         self.started = time.time()
         self.finished_at: float | None = None
         self.workers = {i: WorkerStats() for i in range(workers)}
@@ -146,6 +147,7 @@ class ShardStats:
                 "shard": self.shard,
                 "mode": self.mode,
                 "incarnation": self.incarnation,
+                "restoredFrom": self.restored_from,
                 "step": self.version,
                 "totalSteps": self.total_steps,
                 "finished": self.finished_at is not None,

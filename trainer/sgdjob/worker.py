@@ -27,7 +27,7 @@ import zmq
 from torch import nn
 
 from sgdjob.api.types import SGDJobSpec
-from sgdjob.client import ShardClient
+from sgdjob.client import ShardClient, ShardRestarted
 from sgdjob.data import Dataset, load_dataset, partition_for, total_steps
 from sgdjob.models import FlatModel, build_model
 from sgdjob.output import atomic_write
@@ -160,7 +160,14 @@ def run_worker(
         while step < steps:
             if t.mode != "downpour" or not versions or step % t.fetch_every == 0:
                 min_version = step if t.mode == "sync" else 0
-                versions, finished = client.pull(host.params, min_version=min_version)
+                try:
+                    versions, finished = client.pull(host.params, min_version=min_version)
+                except ShardRestarted as err:
+                    log.warning("worker %d: %s; resynced", index, err)
+                    if t.mode == "sync":
+                        step = min(step, err.version)  # replay what the shard lost
+                    versions = []
+                    continue
                 host.params_to_device()
                 if finished:
                     break
@@ -214,7 +221,12 @@ def run_worker(
             client.done()
             return 0
         # Worker 0: wait for the end of training, evaluate and save the final model.
-        versions, _ = client.pull(host.params, min_version=0, final=True)
+        while True:
+            try:
+                versions, _ = client.pull(host.params, min_version=0, final=True)
+                break
+            except ShardRestarted as err:
+                log.warning("worker 0: %s during the final pull; resynced", err)
         host.params_to_device()
         ev = evaluate(flat.model, ds.x_test, ds.y_test)
         save_model(flat.model, Path(output_dir) / "model.pt")

@@ -186,6 +186,19 @@ class DebugSpec(Strict):
     )
 
 
+class CheckpointSpec(Strict):
+    """Shard checkpoints: what lets a lost shard come back without losing the job."""
+
+    every: int | None = Field(
+        default=50,
+        ge=1,
+        le=1 << 40,
+        description="Each shard saves its slice and optimizer state every n parameter "
+        "versions into <output>/checkpoints/; null disables (a lost shard then fails the job).",
+    )
+    keep: int = Field(default=2, ge=1, le=1000, description="Checkpoints kept per shard.")
+
+
 class OutputSpec(Strict):
     """Where the final model, metrics.jsonl, summary.json and the curve are written."""
 
@@ -206,6 +219,7 @@ class SGDJobSpec(Strict):
     workers: WorkersSpec = Field(default_factory=WorkersSpec)
     compression: CompressionSpec = Field(default_factory=CompressionSpec)
     debug: DebugSpec = Field(default_factory=DebugSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
     supervision: SupervisionSpec = Field(default_factory=lambda: SupervisionSpec())
     kubernetes: KubernetesSpec = Field(default_factory=lambda: KubernetesSpec())

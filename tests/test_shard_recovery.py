@@ -1,0 +1,87 @@
+"""kill -9 of a parameter-server shard during `sgdjob run`: restored from its checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sgdjob.api.validation import parse_job
+from sgdjob.launcher import LocalJob
+from tests.conftest import job_doc
+from tests.test_local_supervision import run_with
+
+EVERY = 20
+
+
+def kill_shard_run(tmp_path: Path, doc: dict[str, Any], *, shard: int, at: int) -> dict[str, Any]:
+    seen: dict[str, int] = {}
+
+    def kill(lj: LocalJob) -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            s = lj.status()
+            if s and s.get("step", 0) >= at:
+                seen["before"] = int(s["step"])
+                proc = lj.shards[shard].proc
+                assert proc is not None
+                os.kill(proc.pid, signal.SIGKILL)
+                return
+            time.sleep(0.02)
+
+    lj = LocalJob(parse_job(doc), output=tmp_path, progress=False)
+    run_with(lj, kill)
+    assert [name for name, _ in lj.restarted] == [f"ps-{shard}"]
+    log = (tmp_path / "logs" / f"ps-{shard}.log").read_text()
+    restored = [
+        int(line.rsplit("restored version ", 1)[1].split()[0])
+        for line in log.splitlines()
+        if "restored version" in line
+    ]
+    assert len(restored) == 1
+    # Steps lost: what the shard had applied when it died minus what it restored.
+    assert seen["before"] - restored[0] <= EVERY
+    return dict(json.loads((tmp_path / "summary.json").read_text()))
+
+
+@pytest.mark.parametrize("shard", [0, 1])
+def test_a_shard_killed_mid_run_is_restored_and_the_job_matches_a_clean_run(
+    tmp_path: Path, run_job: Any, shard: int
+) -> None:
+    doc = job_doc(
+        "shardkill",
+        parameterServers={"shards": 2},
+        workers={"replicas": 2},
+        training={"maxSteps": 200},
+        checkpoint={"every": EVERY},
+    )
+    clean, _ = run_job(doc, subdir="clean")
+    summary = kill_shard_run(tmp_path / "killed", doc, shard=shard, at=70)
+    assert summary["finalAccuracy"] >= clean["finalAccuracy"] - 0.01
+
+
+def test_without_checkpoints_a_lost_shard_fails_the_job(tmp_path: Path) -> None:
+    from sgdjob.launcher import LaunchError
+
+    doc = job_doc(
+        "nockpt",
+        parameterServers={"shards": 2},
+        workers={"replicas": 1},
+        training={"maxSteps": 100000},
+        checkpoint={"every": None},
+    )
+
+    def kill(lj: LocalJob) -> None:
+        time.sleep(2.0)
+        proc = lj.shards[1].proc
+        assert proc is not None
+        os.kill(proc.pid, signal.SIGKILL)
+
+    lj = LocalJob(parse_job(doc), output=tmp_path, progress=False)
+    with pytest.raises(LaunchError, match="shard 1 failed .*checkpoints do not survive"):
+        run_with(lj, kill)
