@@ -83,5 +83,5 @@ def test_without_checkpoints_a_lost_shard_fails_the_job(tmp_path: Path) -> None:
         os.kill(proc.pid, signal.SIGKILL)
 
     lj = LocalJob(parse_job(doc), output=tmp_path, progress=False)
-    with pytest.raises(LaunchError, match="shard 1 failed .*checkpoints do not survive"):
+    with pytest.raises(LaunchError, match=r"shard 1 failed .*checkpoints do not survive"):
         run_with(lj, kill)
