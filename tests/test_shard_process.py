@@ -17,9 +17,24 @@ import pytest
 import zmq
 
 from sgdjob.api.validation import parse_job, spec_to_json
-from sgdjob.contract import ProcessContract
-from sgdjob.protocol import HEADER_SIZE, DType, Header, Op, token_digest
+from sgdjob.contract import ProcessContract, with_curve
+from sgdjob.curvekeys import JobKeys
+from sgdjob.protocol import HEADER_SIZE, DType, Header, Op, parse_header, token_digest
 from tests.conftest import job_doc
+
+KEYS = JobKeys.generate()
+
+
+def dealer(ctx: zmq.Context, endpoint: str, keys: JobKeys | None = KEYS) -> zmq.Socket:  # type: ignore[type-arg]
+    """A DEALER to the shard, holding ``keys``' client pair (None: no CURVE at all)."""
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    if keys is not None:
+        sock.curve_serverkey = keys.server_public.encode()
+        sock.curve_publickey = keys.client_public.encode()
+        sock.curve_secretkey = keys.client_secret.encode()
+    sock.connect(endpoint)
+    return sock
 
 
 @pytest.fixture
@@ -38,6 +53,7 @@ def live_shard(tmp_path: Path) -> Iterator[dict[str, Any]]:
         status_bind="127.0.0.1:0",
         ready_file=str(tmp_path / "ready.json"),
     )
+    c = with_curve(c, KEYS.__dict__)
     proc = subprocess.Popen(
         [sys.executable, "-m", "sgdjob", "trainer"], env={**os.environ, **c.to_env()}
     )
@@ -65,13 +81,14 @@ def status(url: str) -> dict[str, Any]:
 def test_malformed_and_foreign_frames_are_rejected_counted_and_change_nothing(
     live_shard: dict[str, Any],
 ) -> None:
-    before = status(live_shard["status"])
     ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.connect(live_shard["endpoint"])
+    sock = dealer(ctx, live_shard["endpoint"])  # an insider: it holds the job's keys
     good = token_digest("secret")
-    n = before["totalSteps"]  # unknown before any hello: None
-    assert n is None
+    # Say hello first, so the malformed pushes below reach the deeper checks.
+    sock.send_multipart(hello())
+    assert sock.poll(10_000, zmq.POLLIN)
+    sock.recv_multipart()
+    before = status(live_shard["status"])
     size = 64 * 32 + 32 + 32 * 10 + 10
 
     def push(**kw: Any) -> Header:
@@ -113,4 +130,58 @@ def test_malformed_and_foreign_frames_are_rejected_counted_and_change_nothing(
     assert after["step"] == 0
     assert {"BAD_TOKEN", "BAD_VERSION", "TRUNCATED", "BAD_RANGE"} <= set(after["rejected"])
     sock.close(linger=0)
+    ctx.term()
+
+
+def wait_rejections(url: str, at_least: int, timeout: float = 20.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        s = status(url)
+        if sum(s["rejected"].values()) >= at_least or time.monotonic() > deadline:
+            return s
+
+
+def hello(total_steps: int = 60) -> list[bytes]:
+    size = 64 * 32 + 32 + 32 * 10 + 10
+    return [
+        Header(
+            op=Op.HELLO, token=token_digest("secret"), worker=0, step=total_steps, aux=float(size)
+        ).pack()
+    ]
+
+
+@pytest.mark.parametrize("who", ["no CURVE at all", "another job's keys", "a stolen server key"])
+def test_a_client_without_the_jobs_key_gets_no_message_accepted(
+    live_shard: dict[str, Any], who: str
+) -> None:
+    before = status(live_shard["status"])
+    ctx = zmq.Context()
+    other = JobKeys.generate()
+    keys = {
+        "no CURVE at all": None,
+        "another job's keys": other,
+        # Knows the shards' public key (not secret) but holds its own client pair.
+        "a stolen server key": JobKeys(
+            server_public=KEYS.server_public,
+            server_secret="",
+            client_public=other.client_public,
+            client_secret=other.client_secret,
+        ),
+    }[who]
+    sock = dealer(ctx, live_shard["endpoint"], keys)
+    for _ in range(3):
+        sock.send_multipart(hello())  # a perfectly valid request, token and all
+    assert not sock.poll(1500, zmq.POLLIN)  # no WELCOME: nothing got through
+    after = wait_rejections(live_shard["status"], 1)
+    assert any(k.startswith("HANDSHAKE") for k in after["rejected"])
+    assert after["workers"]["0"]["hellos"] == 0
+    assert after["paramsChecksum"] == before["paramsChecksum"]
+    # The job's own worker still gets in.
+    good = dealer(ctx, live_shard["endpoint"])
+    good.send_multipart(hello())
+    assert good.poll(10_000, zmq.POLLIN)
+    reply = parse_header(good.recv_multipart()[0], token=token_digest("secret"))
+    assert reply.op == Op.WELCOME
+    sock.close()
+    good.close()
     ctx.term()

@@ -34,7 +34,7 @@ from sgdjob.protocol import (
     parse_header,
 )
 from sgdjob.slicing import Slice, partition
-from sgdjob.transport import Incoming, connect_dealer, frame_array, vector_frames
+from sgdjob.transport import CurveClient, Incoming, connect_dealer, frame_array, vector_frames
 
 
 class ShardUnavailable(RuntimeError):
@@ -83,6 +83,7 @@ class ShardClient:
         chunk_bytes: int,
         compression: CompressionSpec | None = None,
         ef_device: torch.device | str = "cpu",
+        curve: CurveClient | None = None,
     ) -> None:
         comp = compression or CompressionSpec()
         self.onebit = comp.kind == "onebit"
@@ -96,7 +97,7 @@ class ShardClient:
         self.worker = worker
         self.timeout_ms = int(timeout_s * 1000)
         self.chunk_bytes = chunk_bytes
-        self.endpoints = [connect_dealer(ctx, a) for a in addrs]
+        self.endpoints = [connect_dealer(ctx, a, curve=curve) for a in addrs]
         self.slices: list[Slice] = []
         self.incarnations: list[int] = []
         self.trackers: list[zmq.MessageTracker] = []

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 ENV_ROLE = "SGDJOB_ROLE"  # "ps" or "worker"
@@ -22,6 +22,16 @@ ENV_STATUS_BIND = "SGDJOB_STATUS_BIND"  # shard 0: host:port for /status and /me
 ENV_TOKEN = "SGDJOB_TOKEN"  # job token carried in every message header
 ENV_OUTPUT = "SGDJOB_OUTPUT"  # output directory (model, metrics, summary)
 ENV_READY_FILE = "SGDJOB_READY_FILE"  # optional: a shard writes its bound ports here
+ENV_CURVE_SERVER_PUBLIC = "SGDJOB_CURVE_SERVER_PUBLIC"  # shards and workers
+ENV_CURVE_SERVER_SECRET = "SGDJOB_CURVE_SERVER_SECRET"  # shards only
+ENV_CURVE_CLIENT_PUBLIC = "SGDJOB_CURVE_CLIENT_PUBLIC"  # shards (to admit) and workers
+ENV_CURVE_CLIENT_SECRET = "SGDJOB_CURVE_CLIENT_SECRET"  # workers only
+CURVE_ENVS = (
+    ENV_CURVE_SERVER_PUBLIC,
+    ENV_CURVE_SERVER_SECRET,
+    ENV_CURVE_CLIENT_PUBLIC,
+    ENV_CURVE_CLIENT_SECRET,
+)
 ENV_ATTEMPT = "SGDJOB_ATTEMPT"  # optional: 0 for the first start of a replica, +1 per restart
 
 Role = Literal["ps", "worker"]
@@ -47,6 +57,11 @@ class ProcessContract:
     status_bind: str = ""
     ready_file: str = ""
     attempt: int = 0
+    # Z85 CURVE keys; each role gets only what it needs (see curve_for_role).
+    curve_server_public: str = ""
+    curve_server_secret: str = ""
+    curve_client_public: str = ""
+    curve_client_secret: str = ""
 
     def to_env(self) -> dict[str, str]:
         env = {
@@ -60,6 +75,10 @@ class ProcessContract:
             ENV_ATTEMPT: str(self.attempt),
         }
         for key, value in (
+            (ENV_CURVE_SERVER_PUBLIC, self.curve_server_public),
+            (ENV_CURVE_SERVER_SECRET, self.curve_server_secret),
+            (ENV_CURVE_CLIENT_PUBLIC, self.curve_client_public),
+            (ENV_CURVE_CLIENT_SECRET, self.curve_client_secret),
             (ENV_BIND, self.bind),
             (ENV_STATUS_BIND, self.status_bind),
             (ENV_READY_FILE, self.ready_file),
@@ -109,4 +128,24 @@ def from_env(env: Mapping[str, str] | None = None) -> ProcessContract:
         status_bind=env.get(ENV_STATUS_BIND, ""),
         ready_file=env.get(ENV_READY_FILE, ""),
         attempt=int(raw_attempt),
+        curve_server_public=env.get(ENV_CURVE_SERVER_PUBLIC, ""),
+        curve_server_secret=env.get(ENV_CURVE_SERVER_SECRET, ""),
+        curve_client_public=env.get(ENV_CURVE_CLIENT_PUBLIC, ""),
+        curve_client_secret=env.get(ENV_CURVE_CLIENT_SECRET, ""),
+    )
+
+
+def with_curve(contract: ProcessContract, keys: Mapping[str, str]) -> ProcessContract:
+    """``contract`` plus the share of a job's CURVE keys that its role may hold.
+
+    ``keys`` maps server_public/server_secret/client_public/client_secret to Z85 strings.
+    A worker never holds the server secret and a shard never holds the client secret.
+    """
+    ps = contract.role == "ps"
+    return replace(
+        contract,
+        curve_server_public=keys["server_public"],
+        curve_client_public=keys["client_public"],
+        curve_server_secret=keys["server_secret"] if ps else "",
+        curve_client_secret="" if ps else keys["client_secret"],
     )

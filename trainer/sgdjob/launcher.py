@@ -25,7 +25,8 @@ from typing import IO, Any
 
 from sgdjob.api.types import SGDJob, SupervisionStatus
 from sgdjob.api.validation import spec_to_json
-from sgdjob.contract import ProcessContract, Role
+from sgdjob.contract import ProcessContract, Role, with_curve
+from sgdjob.curvekeys import JobKeys
 from sgdjob.policy import (
     Create,
     Delete,
@@ -128,6 +129,8 @@ class LocalJob:
         self.state_dir = output / ".sgdjob"
         self.spec_path = self.state_dir / "spec.json"
         self.token = secrets.token_hex(16)
+        # Generated in memory for this run only; each process gets its role's share by env.
+        self.keys = JobKeys.generate().__dict__ if self.spec.security.curve else None
         self.shards: list[Replica] = []
         self.workers: list[Replica] = []
         self.status_url = ""
@@ -137,7 +140,7 @@ class LocalJob:
 
     def contract(self, role: Role, index: int, addrs: tuple[str, ...] = ()) -> ProcessContract:
         ps = role == "ps"
-        return ProcessContract(
+        contract = ProcessContract(
             role=role,
             index=index,
             job_name=self.job.metadata.name,
@@ -149,6 +152,7 @@ class LocalJob:
             status_bind="127.0.0.1:0" if ps and index == 0 else "",
             ready_file=str(self.state_dir / f"ready-{index}.json") if ps else "",
         )
+        return with_curve(contract, self.keys) if self.keys else contract
 
     # -- start ---------------------------------------------------------------------------
     def start(self) -> None:

@@ -18,8 +18,15 @@ from typing import Any
 
 from sgdjob.api.types import SGDJobSpec
 from sgdjob.api.validation import Problem, SpecError, validate_spec
-from sgdjob.contract import ProcessContract
+from sgdjob.contract import (
+    ENV_CURVE_CLIENT_PUBLIC,
+    ENV_CURVE_CLIENT_SECRET,
+    ENV_CURVE_SERVER_PUBLIC,
+    ENV_CURVE_SERVER_SECRET,
+    ProcessContract,
+)
 from sgdjob.output import JsonLines, atomic_write_json
+from sgdjob.transport import CurveClient, CurveServer
 
 log = logging.getLogger("sgdjob.roles")
 
@@ -37,6 +44,27 @@ def load_spec(path: str) -> SGDJobSpec:
     return validate_spec(raw)
 
 
+def curve_missing(contract: ProcessContract) -> list[str]:
+    """The CURVE variables this role needs but did not get."""
+    need = [
+        (ENV_CURVE_SERVER_PUBLIC, contract.curve_server_public),
+        (ENV_CURVE_CLIENT_PUBLIC, contract.curve_client_public),
+    ]
+    if contract.role == "ps":
+        need.append((ENV_CURVE_SERVER_SECRET, contract.curve_server_secret))
+    else:
+        need.append((ENV_CURVE_CLIENT_SECRET, contract.curve_client_secret))
+    return [name for name, value in need if not value]
+
+
+def client_curve(contract: ProcessContract) -> CurveClient:
+    return CurveClient(
+        server_public=contract.curve_server_public,
+        public=contract.curve_client_public,
+        secret=contract.curve_client_secret,
+    )
+
+
 def run_role(contract: ProcessContract) -> int:
     """Run the role the contract names; returns the process exit code."""
     from sgdjob.client import ShardRejected, ShardUnavailable
@@ -51,6 +79,19 @@ def run_role(contract: ProcessContract) -> int:
     # SIGTERM (pod deletion, local stop) becomes a clean exception, not a dead process.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     token = token_digest(contract.token)
+    missing = curve_missing(contract) if spec.security.curve else []
+    if missing:
+        log.error(
+            "spec.security.curve is on but %s %s not set",
+            ", ".join(missing),
+            "is" if len(missing) == 1 else "are",
+        )
+        return EXIT_SPEC
+    if not spec.security.curve:
+        log.warning(
+            "spec.security.curve is off: traffic is unencrypted and any peer that "
+            "reaches this process and knows the job token is trusted"
+        )
     try:
         if contract.role == "ps":
             return run_shard_process(contract, spec, token)
@@ -75,6 +116,7 @@ def run_role(contract: ProcessContract) -> int:
             output_dir=contract.output_dir,
             timeout_s=COMM_TIMEOUT_S,
             attempt=contract.attempt,
+            curve=client_curve(contract) if spec.security.curve else None,
         )
     except ShardUnavailable as err:
         log.error("%s", err)
@@ -118,7 +160,18 @@ def run_shard_process(contract: ProcessContract, spec: SGDJobSpec, token: bytes)
     n_workers = spec.workers.replicas + t.backup_workers
     stats = ShardStats(shard=k, workers=n_workers, mode=t.mode)
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    endpoint, concrete = bind_router(ctx, contract.bind)
+    curve = (
+        CurveServer(
+            public=contract.curve_server_public,
+            secret=contract.curve_server_secret,
+            client_public=contract.curve_client_public,
+        )
+        if spec.security.curve
+        else None
+    )
+    endpoint, concrete = bind_router(
+        ctx, contract.bind, curve=curve, on_handshake_failure=stats.reject
+    )
     shard = Shard(
         spec=spec,
         slice_=slices[k],

@@ -7,15 +7,23 @@ sent zero-copy (``copy=False``) as memoryview slices of one contiguous buffer, c
 1-16 MiB ones. With ``track=True`` the caller gets a MessageTracker and must not write into
 the buffer until it is done (ZeroMQ reads it from its I/O thread after ``send`` returns).
 Received payload frames stay ``zmq.Frame`` objects so their bytes are read in place.
+
+CURVE (``CurveServer`` / ``CurveClient``): a shard's ROUTER is a CURVE server whose ZAP handler
+(pyzmq's ThreadAuthenticator) admits exactly one client public key, the job's. A peer without
+it never completes the handshake, so none of its messages reach the shard; the failed
+handshakes are observed through a socket monitor and reported to ``on_handshake_failure``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hmac
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils.monitor import recv_monitor_message
 
 from sgdjob.protocol import HEADER_SIZE, MAX_FRAME_BYTES, Header
 
@@ -59,6 +67,41 @@ def frame_array(frame: zmq.Frame, dtype: type[np.generic] = np.float32) -> np.nd
     return np.frombuffer(frame.buffer, dtype=dtype)
 
 
+@dataclass(frozen=True)
+class CurveServer:
+    """A shard's keys and the one client key it admits (all Z85)."""
+
+    public: str
+    secret: str
+    client_public: str
+
+
+@dataclass(frozen=True)
+class CurveClient:
+    """A worker's keys and the shards' public key (all Z85)."""
+
+    server_public: str
+    public: str
+    secret: str
+
+
+class _AdmitOne:
+    """ZAP credentials provider: only the job's client key gets in."""
+
+    def __init__(self, client_public: str) -> None:
+        self.key = client_public.encode()
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return hmac.compare_digest(key, self.key)
+
+
+HANDSHAKE_EVENTS: dict[int, str] = {
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "HANDSHAKE_FAILED",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "HANDSHAKE_PROTOCOL",
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "HANDSHAKE_AUTH",
+}
+
+
 class Endpoint:
     """One socket plus its counters; the only place that calls send/recv."""
 
@@ -66,6 +109,11 @@ class Endpoint:
         self.sock = sock
         self.router = router
         self.counters = Counters()
+        self.monitor: zmq.Socket[bytes] | None = None
+        self.auth: ThreadAuthenticator | None = None
+        self.on_handshake_failure: Callable[[str], None] | None = None
+        self._poller = zmq.Poller()
+        self._poller.register(sock, zmq.POLLIN)
 
     def send(
         self,
@@ -101,15 +149,48 @@ class Endpoint:
         return Incoming(identity=identity, header=parts[0].bytes, frames=list(parts[1:]))
 
     def poll(self, timeout_ms: int) -> bool:
-        return bool(self.sock.poll(timeout_ms, zmq.POLLIN))
+        """True when a message is waiting; handshake-failure events are consumed on the way."""
+        if self.monitor is None:
+            return bool(self.sock.poll(timeout_ms, zmq.POLLIN))
+        ready = dict(self._poller.poll(timeout_ms))
+        if self.monitor in ready:
+            while self.monitor.poll(0, zmq.POLLIN):
+                event = recv_monitor_message(self.monitor)
+                kind = HANDSHAKE_EVENTS.get(event["event"])
+                if kind and self.on_handshake_failure is not None:
+                    self.on_handshake_failure(kind)
+        return self.sock in ready
 
     def close(self, linger_ms: int = 1000) -> None:
+        if self.monitor is not None:
+            self.sock.disable_monitor()
+            self.monitor.close(linger=0)
         self.sock.close(linger=linger_ms)
+        if self.auth is not None:
+            self.auth.stop()
 
 
-def bind_router(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str) -> tuple[Endpoint, str]:
+def bind_router(
+    ctx: zmq.Context[zmq.Socket[bytes]],
+    endpoint: str,
+    *,
+    curve: CurveServer | None = None,
+    on_handshake_failure: Callable[[str], None] | None = None,
+) -> tuple[Endpoint, str]:
     """Bind a shard's ROUTER; returns it and the concrete endpoint (port 0 becomes real)."""
+    auth = None
+    if curve is not None:
+        # The ZAP handler must run before the socket accepts anyone.
+        auth = ThreadAuthenticator(ctx)
+        auth.start()
+        auth.configure_curve_callback(
+            domain="*", credentials_provider=_AdmitOne(curve.client_public)
+        )
     sock = ctx.socket(zmq.ROUTER)
+    if curve is not None:
+        sock.curve_secretkey = curve.secret.encode()
+        sock.curve_publickey = curve.public.encode()
+        sock.curve_server = True
     # A foreign peer sending one giant frame is disconnected instead of exhausting memory.
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES + 1024)
     sock.setsockopt(zmq.RCVHWM, 0)
@@ -119,12 +200,27 @@ def bind_router(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str) -> tuple[End
         endpoint = endpoint[:-2] + ":*"
     sock.bind(endpoint)
     concrete = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-    return Endpoint(sock, router=True), concrete
+    ep = Endpoint(sock, router=True)
+    ep.auth = auth
+    ep.on_handshake_failure = on_handshake_failure
+    ep.monitor = sock.get_monitor_socket(
+        zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+        | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+        | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    )
+    ep._poller.register(ep.monitor, zmq.POLLIN)
+    return ep, concrete
 
 
-def connect_dealer(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str) -> Endpoint:
+def connect_dealer(
+    ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, *, curve: CurveClient | None = None
+) -> Endpoint:
     """A worker's DEALER to one shard."""
     sock = ctx.socket(zmq.DEALER)
+    if curve is not None:
+        sock.curve_serverkey = curve.server_public.encode()
+        sock.curve_publickey = curve.public.encode()
+        sock.curve_secretkey = curve.secret.encode()
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES + 1024)
     sock.setsockopt(zmq.RCVHWM, 0)
     sock.setsockopt(zmq.SNDHWM, 0)

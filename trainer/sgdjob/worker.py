@@ -32,6 +32,7 @@ from sgdjob.data import Dataset, load_dataset, partition_for, total_steps
 from sgdjob.models import FlatModel, build_model
 from sgdjob.output import atomic_write
 from sgdjob.protocol import Report
+from sgdjob.transport import CurveClient
 
 log = logging.getLogger("sgdjob.worker")
 
@@ -106,6 +107,7 @@ def run_worker(
     chunk_bytes: int = 4 << 20,
     dataset: Dataset | None = None,
     attempt: int = 0,
+    curve: CurveClient | None = None,
 ) -> int:
     t = spec.training
     torch.set_num_threads(spec.workers.threads)
@@ -139,6 +141,7 @@ def run_worker(
         timeout_s=timeout_s,
         chunk_bytes=chunk_bytes,
         compression=spec.compression,
+        curve=curve,
         # 1-bit encoding runs where the gradient is (the GPU); Downpour accumulates on host.
         ef_device="cpu" if t.mode == "downpour" else flat.grads.device,
     )

@@ -186,6 +186,17 @@ class DebugSpec(Strict):
     )
 
 
+class SecuritySpec(Strict):
+    """Who may talk to the shards."""
+
+    curve: bool = Field(
+        default=True,
+        description="ZeroMQ CURVE: encrypt all traffic and let only this job's workers in "
+        "(per-job keys). Turning it off logs a warning: anyone who reaches the shard ports "
+        "can then read parameters and, knowing the job token, push gradients.",
+    )
+
+
 class CheckpointSpec(Strict):
     """Shard checkpoints: what lets a lost shard come back without losing the job."""
 
@@ -220,6 +231,7 @@ class SGDJobSpec(Strict):
     compression: CompressionSpec = Field(default_factory=CompressionSpec)
     debug: DebugSpec = Field(default_factory=DebugSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    security: SecuritySpec = Field(default_factory=SecuritySpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
     supervision: SupervisionSpec = Field(default_factory=lambda: SupervisionSpec())
     kubernetes: KubernetesSpec = Field(default_factory=lambda: KubernetesSpec())
