@@ -204,6 +204,8 @@ class SGDJobSpec(Strict):
     compression: CompressionSpec = Field(default_factory=CompressionSpec)
     debug: DebugSpec = Field(default_factory=DebugSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
+    supervision: SupervisionSpec = Field(default_factory=lambda: SupervisionSpec())
+    kubernetes: KubernetesSpec = Field(default_factory=lambda: KubernetesSpec())
 
 
 class ObjectMeta(Strict):
@@ -265,3 +267,111 @@ class SGDJobStatus(BaseModel):
     start_time: str | None = None
     completion_time: str | None = None
     observed_generation: int | None = None
+    supervision: SupervisionStatus = Field(default_factory=lambda: SupervisionStatus())
+
+
+# --- Supervision and Kubernetes placement (the operator's issue) -------------------------------
+
+QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|Pi|Ei|M|G|T|P|E)?$"
+RESOURCE_NAME = r"^([a-z0-9.-]+/)?[a-zA-Z0-9]([-a-zA-Z0-9_.]*[a-zA-Z0-9])?$"
+
+
+class StragglerSpec(Strict):
+    """When a slow worker is replaced: step time above `factor` x median for `windows` polls."""
+
+    factor: float = Field(
+        default=3.0, gt=1.0, le=1000.0, description="k: slow means step time > k x median."
+    )
+    windows: int = Field(
+        default=3, ge=1, le=10_000, description="W: consecutive slow observations before acting."
+    )
+    max_replacements: int = Field(
+        default=1, ge=0, le=1000, description="Straggler replacements allowed per worker."
+    )
+
+
+class SupervisionSpec(Strict):
+    """How an executor restarts, replaces, times out and cleans up replicas."""
+
+    max_restarts: int = Field(
+        default=3, ge=0, le=10_000, description="Restarts allowed per replica after failures."
+    )
+    straggler: StragglerSpec = Field(default_factory=StragglerSpec)
+    pre_running_deadline_seconds: int | None = Field(
+        default=None,
+        ge=1,
+        le=31_536_000,
+        description="Fail the job when a replica stays Pending (unscheduled, pulling) this long.",
+    )
+    active_deadline_seconds: int | None = Field(
+        default=None, ge=1, le=31_536_000, description="Fail the job after running this long."
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        default=None,
+        ge=0,
+        le=31_536_000,
+        description="Delete the finished job (and, through owner references, its children).",
+    )
+    clean_pod_policy: Literal["Running", "All", "None"] = Field(
+        default="Running",
+        description="After the job finishes: delete still-running pods, all pods, or none.",
+    )
+
+
+class ResourcesSpec(Strict):
+    """Container resource requests and limits, as Kubernetes quantities."""
+
+    requests: dict[str, str] = Field(default_factory=dict)
+    limits: dict[str, str] = Field(default_factory=dict)
+
+
+class TolerationSpec(Strict):
+    """A pod toleration, passed through to every replica."""
+
+    key: str | None = Field(default=None, max_length=317)
+    operator: Literal["Exists", "Equal"] = "Equal"
+    value: str | None = Field(default=None, max_length=63)
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = Field(default=None, ge=0)
+
+
+class KubernetesSpec(Strict):
+    """Pod placement and image settings; ignored by the local executor."""
+
+    image: str | None = Field(
+        default=None, max_length=1024, description="Trainer image; the operator's default if unset."
+    )
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
+    ps_resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    worker_resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[TolerationSpec] = Field(default_factory=list, max_length=64)
+    output_claim_name: str | None = Field(
+        default=None,
+        max_length=253,
+        pattern=DNS_LABEL,
+        description="PersistentVolumeClaim mounted at the output directory of every replica; "
+        "without one the output is an emptyDir and is lost with the pod.",
+    )
+
+
+class ReplicaSupervision(BaseModel):
+    """What an executor remembers about one replica between passes (see sgdjob.policy)."""
+
+    model_config = ConfigDict(populate_by_name=True, alias_generator=to_camel, frozen=True)
+
+    attempt: int = 0
+    seen: bool = False
+    restarts: int = 0
+    replacements: int = 0
+    slow_windows: int = 0
+    avoid_nodes: list[str] = Field(default_factory=list)
+
+
+class SupervisionStatus(BaseModel):
+    """The supervision counters, persisted in the status so an operator restart loses none."""
+
+    model_config = ConfigDict(populate_by_name=True, alias_generator=to_camel, frozen=True)
+
+    replicas: dict[str, ReplicaSupervision] = Field(default_factory=dict)
+    last_window: int = 0

@@ -8,6 +8,7 @@ user fixes a file in one round. Nothing here has side effects.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,9 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from sgdjob.api.types import SGDJob, SGDJobSpec
+from sgdjob.api.types import QUANTITY, RESOURCE_NAME, SGDJob, SGDJobSpec
+
+GPU_RESOURCE = "nvidia.com/gpu"
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,37 @@ def cross_field_problems(spec: SGDJobSpec, prefix: str = "spec") -> list[Problem
     for index, ms in spec.debug.slow_workers.items():
         if not 0 <= ms <= 600_000:
             out.append(Problem(f"{prefix}.debug.slowWorkers.{index}", "delay must be 0..600000 ms"))
+    out.extend(kubernetes_problems(spec, prefix))
+    return out
+
+
+def kubernetes_problems(spec: SGDJobSpec, prefix: str = "spec") -> list[Problem]:
+    """Rules of the `kubernetes` section: quantities, resource names, the GPU count."""
+    out: list[Problem] = []
+    kp = f"{prefix}.kubernetes"
+    for alias, res in (
+        ("psResources", spec.kubernetes.ps_resources),
+        ("workerResources", spec.kubernetes.worker_resources),
+    ):
+        for kind, table in (("requests", res.requests), ("limits", res.limits)):
+            for name, qty in table.items():
+                where = f"{kp}.{alias}.{kind}.{name}"
+                if not re.match(RESOURCE_NAME, name):
+                    out.append(Problem(where, "not a valid resource name"))
+                if not re.match(QUANTITY, qty):
+                    out.append(Problem(where, f"{qty!r} is not a Kubernetes quantity"))
+    worker = spec.kubernetes.worker_resources
+    if GPU_RESOURCE in worker.limits or GPU_RESOURCE in worker.requests:
+        out.append(
+            Problem(f"{kp}.workerResources", f"set GPUs with workers.gpus, not {GPU_RESOURCE}")
+        )
+    for i, tol in enumerate(spec.kubernetes.tolerations):
+        if tol.operator == "Exists" and tol.value:
+            out.append(Problem(f"{kp}.tolerations[{i}].value", "must be empty with `Exists`"))
+        if tol.toleration_seconds is not None and tol.effect != "NoExecute":
+            out.append(
+                Problem(f"{kp}.tolerations[{i}].tolerationSeconds", "needs effect `NoExecute`")
+            )
     return out
 
 
