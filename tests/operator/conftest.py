@@ -19,5 +19,6 @@ def k8s(kmock: kmock.KubernetesEmulator) -> kmock.KubernetesEmulator:
 
 @pytest.fixture()
 async def cluster(k8s: kmock.KubernetesEmulator) -> AsyncIterator[Cluster]:
-    async with aiohttp.ClientSession() as session:
+    # A fresh connection per request: a kept-alive one to KMock was seen to hang.
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
         yield Cluster(k8s, session)
