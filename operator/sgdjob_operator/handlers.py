@@ -35,8 +35,16 @@ from typing import Any
 import aiohttp
 import kopf
 
-from sgdjob.api.types import API_GROUP, API_VERSION_NAME, PLURAL, SGDJobSpec, SGDJobStatus
-from sgdjob.api.validation import SpecError, validate_spec
+from sgdjob.api.types import (
+    API_GROUP,
+    API_VERSION,
+    API_VERSION_NAME,
+    KIND,
+    PLURAL,
+    SGDJobSpec,
+    SGDJobStatus,
+)
+from sgdjob.api.validation import SpecError, parse_job
 from sgdjob.policy import Create, Decision, Delete, Fail, Recreate, Succeed, cleanup_targets, decide
 from sgdjob_operator import manifests as mf
 from sgdjob_operator.kube import Connection, KubeClient, connection_from_kopf
@@ -245,7 +253,7 @@ async def reconcile_once(
     now = _now()
     if runtime.spec is None:
         try:
-            runtime.spec = validate_spec(body.get("spec") or {})
+            runtime.spec = validate_job(ref.name, body.get("spec") or {})
         except SpecError as err:
             message = f"invalid spec: {err}"
             status = failed_status(
@@ -289,6 +297,17 @@ async def reconcile_once(
         return True, False
     in_flight = await execute(client, state, ref, spec, decision)
     return False, in_flight
+
+
+def validate_job(name: str, raw_spec: Mapping[str, Any]) -> SGDJobSpec:
+    """The spec and the name (pod names must stay DNS labels); SpecError names the field."""
+    doc = {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {"name": name},
+        "spec": raw_spec,
+    }
+    return parse_job(doc).spec
 
 
 def _role(pod: Mapping[str, Any]) -> str:

@@ -152,6 +152,7 @@ async def running_operator(
     coordinator_url: Callable[[JobRef, SGDJobSpec], str] | None = None,
     resync_seconds: float = 0.3,
     poll_seconds: float = 0.2,
+    liveness_endpoint: str | None = None,
 ) -> AsyncIterator[OperatorState]:
     """Run the operator as a task in this loop; stop it (like a process exit) on leaving."""
     config = OperatorConfig(
@@ -173,6 +174,7 @@ async def running_operator(
             standalone=True,
             namespaces=[NS],
             stop_flag=stop,
+            liveness_endpoint=liveness_endpoint,
         )
     )
     try:
