@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import kopf
 
 from sgdjob.api.types import SGDJobSpec
-from sgdjob_operator.handlers import OperatorConfig, build_registry
+from sgdjob_operator.handlers import OperatorConfig, OperatorState, build_registry
 from sgdjob_operator.manifests import JobRef, PodSettings
 from sgdjob_operator.metrics import serve_metrics
 
@@ -63,6 +64,42 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
         resync_seconds=args.resync_seconds,
         poll_seconds=args.poll_seconds,
     )
+
+
+@contextlib.asynccontextmanager
+async def operator_in_loop(
+    config: OperatorConfig,
+    *,
+    namespaces: Sequence[str],
+    scanning: bool = True,
+    liveness_endpoint: str | None = None,
+) -> AsyncIterator[OperatorState]:
+    """Run the operator as a task of the current loop until the block exits (tests, benches).
+
+    ``scanning=False`` skips Kopf's CRD/namespace watching, which a mock server cannot serve.
+    """
+    registry, state = build_registry(config)
+    settings = kopf.OperatorSettings()
+    settings.scanning.disabled = not scanning
+    settings.watching.reconnect_backoff = 0.1
+    stop: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(
+        kopf.operator(
+            registry=registry,
+            settings=settings,
+            standalone=True,
+            clusterwide=not namespaces,
+            namespaces=list(namespaces),
+            stop_flag=stop,
+            liveness_endpoint=liveness_endpoint,
+        )
+    )
+    try:
+        yield state
+    finally:
+        stop.set_result(None)
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, timeout=15)
 
 
 async def _main(args: argparse.Namespace) -> None:

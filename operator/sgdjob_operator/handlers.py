@@ -146,11 +146,18 @@ async def post_event(
         log.warning("%s/%s: could not post event %s: %s", ref.namespace, ref.name, reason, err)
 
 
-async def ensure_base(client: KubeClient, ref: mf.JobRef, spec: SGDJobSpec) -> None:
+async def ensure_base(
+    client: KubeClient, ref: mf.JobRef, spec: SGDJobSpec, metrics: OperatorMetrics
+) -> None:
     """ConfigMap, token Secret and Service; 409 means a previous pass made them."""
-    await client.create(ref.namespace, "configmaps", mf.config_map(ref, spec))
-    await client.create(ref.namespace, "secrets", mf.secret(ref, secrets.token_hex(32)))
-    await client.create(ref.namespace, "services", mf.service(ref, spec))
+    for plural, body in (
+        ("configmaps", mf.config_map(ref, spec)),
+        ("secrets", mf.secret(ref, secrets.token_hex(32))),
+        ("services", mf.service(ref, spec)),
+    ):
+        # Await first: `x += await f()` reads x before awaiting and loses concurrent updates.
+        created = await client.create(ref.namespace, plural, body)
+        metrics.children_created += int(created)
 
 
 async def execute(
@@ -198,6 +205,7 @@ async def execute(
             )
             if await client.create(ref.namespace, "pods", body):
                 created.append(name)
+                metrics.children_created += 1
             else:
                 pending = True  # the old pod is still terminating; try again next pass
     if created:
@@ -265,7 +273,7 @@ async def reconcile_once(
             return True, False
     spec = runtime.spec
     if not runtime.base_ready:
-        await ensure_base(client, ref, spec)
+        await ensure_base(client, ref, spec, metrics)
         runtime.base_ready = True
     replicas, by_name = observe_pods(pods, ref)
     report = runtime.report

@@ -24,6 +24,7 @@ class OperatorMetrics:
     job_phase: dict[tuple[str, str], str] = field(default_factory=dict)
     restarts: int = 0
     replacements: int = 0
+    children_created: int = 0
     reconciles: int = 0
     reconcile_errors: int = 0
     latency_buckets: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))
@@ -57,6 +58,9 @@ class OperatorMetrics:
             "# HELP sgdjob_operator_straggler_replacements_total Workers replaced as stragglers.",
             "# TYPE sgdjob_operator_straggler_replacements_total counter",
             f"sgdjob_operator_straggler_replacements_total {self.replacements}",
+            "# HELP sgdjob_operator_children_created_total Children (pods, config) created.",
+            "# TYPE sgdjob_operator_children_created_total counter",
+            f"sgdjob_operator_children_created_total {self.children_created}",
             "# HELP sgdjob_operator_reconcile_errors_total Reconcile passes that raised.",
             "# TYPE sgdjob_operator_reconcile_errors_total counter",
             f"sgdjob_operator_reconcile_errors_total {self.reconcile_errors}",

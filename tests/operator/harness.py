@@ -27,11 +27,11 @@ from typing import Any
 
 import aiohttp
 import kmock
-import kopf
 from aiohttp import web
 
 from sgdjob.api.types import SGDJobSpec
-from sgdjob_operator.handlers import OperatorConfig, OperatorState, build_registry
+from sgdjob_operator.entry import operator_in_loop
+from sgdjob_operator.handlers import OperatorConfig, OperatorState
 from sgdjob_operator.kube import Connection
 from sgdjob_operator.manifests import JobRef, PodSettings
 
@@ -162,27 +162,10 @@ async def running_operator(
         poll_seconds=poll_seconds,
         connection=Connection(server=str(k.url).rstrip("/")),
     )
-    registry, state = build_registry(config)
-    settings = kopf.OperatorSettings()
-    settings.scanning.disabled = True  # KMock serves no CRD or namespace watches
-    settings.watching.reconnect_backoff = 0.1
-    stop: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(
-        kopf.operator(
-            registry=registry,
-            settings=settings,
-            standalone=True,
-            namespaces=[NS],
-            stop_flag=stop,
-            liveness_endpoint=liveness_endpoint,
-        )
-    )
-    try:
+    async with operator_in_loop(
+        config, namespaces=[NS], scanning=False, liveness_endpoint=liveness_endpoint
+    ) as state:
         yield state
-    finally:
-        stop.set_result(None)
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait_for(task, timeout=15)
 
 
 class FakeCoordinator:

@@ -61,6 +61,7 @@ async def test_metrics_are_served_over_http_while_the_operator_runs(cluster: Clu
             await runner.cleanup()
     assert 'sgdjob_operator_jobs{phase="Pending"} 1' in text
     assert "sgdjob_operator_reconcile_seconds_count" in text
+    assert "sgdjob_operator_children_created_total 7" in text
 
 
 async def test_the_liveness_endpoint_answers_while_the_operator_runs(cluster: Cluster) -> None:

@@ -52,7 +52,23 @@ async def test_a_failed_worker_pod_is_recreated_and_counted(cluster: Cluster) ->
     assert event["type"] == "Warning"
     assert "j-worker-1" in event["message"] and "OOMKilled" in event["message"]
     restarting = [c for c in st["conditions"] if c["type"] == "Restarting"]
-    assert restarting and restarting[0]["status"] == "True"
+    assert restarting[0]["status"] == "True" and restarting[0]["message"] == "worker-1"
+
+
+async def test_restarting_clears_once_the_new_pod_runs(cluster: Cluster) -> None:
+    async with running_operator(cluster.k):
+        await cluster.create_job("j", basic_spec())
+        await start_all(cluster, 4)
+        await cluster.set_phase("j-worker-1", "Failed", terminated={"exitCode": 137})
+        await eventually(lambda: attempt(cluster, "j-worker-1") == "1")
+        await cluster.set_phase("j-worker-1", "Running")
+
+        def restarting() -> str:
+            conds = {c["type"]: c for c in status(cluster).get("conditions", [])}
+            return str(conds["Restarting"]["status"])
+
+        await eventually(lambda: restarting() == "False", what="Restarting False")
+    assert status(cluster)["phase"] == "Running"
 
 
 async def test_an_exhausted_restart_budget_fails_the_job_with_a_message(cluster: Cluster) -> None:

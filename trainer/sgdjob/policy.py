@@ -32,8 +32,9 @@ Actions (all frozen dataclasses):
   the operator turns that into node anti-affinity, a local executor just kills and restarts.
 - :class:`Delete` (role, index, reason): stop a leftover of an older attempt and wait.
 - :class:`Succeed` / :class:`Fail` (reason, message): the job is finished.
-- :class:`SetCondition`: a condition the executor should show (Created, Running,
-  Restarting).
+- :class:`SetCondition`: a condition the executor should show: Created (nothing left to
+  create), Running (every replica runs), Restarting (while a restarted or replaced replica
+  is not running again; its message names them).
 
 Every replica carries an ``attempt`` number (pod label ``sgdjob.dev/attempt`` or a field of
 the local process record). A replica observed with an older attempt is a leftover being torn
@@ -397,8 +398,21 @@ def decide(
 
     live = [r for r in replicas if r.phase in ("Running", "Succeeded") and not _stale(r, state)]
     creating = any(isinstance(a, Create) for a in actions)
-    if restarted:
-        actions.append(SetCondition("Restarting", "True", "ReplicaRestarted", ", ".join(restarted)))
+    # Restarting stays True until every restarted or replaced replica runs again.
+    recovering = [
+        name
+        for name, rs in state.items()
+        if rs.attempt > 0
+        and (
+            name not in observed
+            or observed[name].attempt < rs.attempt
+            or observed[name].phase not in ("Running", "Succeeded")
+        )
+    ]
+    if recovering:
+        actions.append(
+            SetCondition("Restarting", "True", "ReplicaRestarted", ", ".join(recovering))
+        )
     if not creating:
         actions.append(SetCondition("Created", "True", "AllReplicasCreated"))
     all_running = len(live) == len(expected_replicas(spec))

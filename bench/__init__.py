@@ -1,0 +1,1 @@
+"""Benchmarks; each subpackage is runnable as `python -m bench.<name>`."""
