@@ -174,7 +174,10 @@ async def execute(
     pending = False
     for a in decision.actions:
         if isinstance(a, Delete):
-            await client.delete(ref.namespace, "pods", mf.pod_name(ref.name, a.role, a.index))
+            name = mf.pod_name(ref.name, a.role, a.index)
+            if await client.delete(ref.namespace, "pods", name):
+                text = f"deleted {name}: {a.reason}"
+                await post_event(client, ref, warning=False, reason="DeletedLeftover", message=text)
             pending = True
         elif isinstance(a, (Create, Recreate)):
             name = mf.pod_name(ref.name, a.role, a.index)
