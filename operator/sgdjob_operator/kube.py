@@ -10,7 +10,9 @@ absence on delete (404) are reported, not raised, because the reconciler treats 
 
 from __future__ import annotations
 
+import os
 import ssl
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +42,8 @@ class Connection:
     insecure: bool = False
     certificate_path: str | None = None
     private_key_path: str | None = None
+    certificate_data: bytes | None = None
+    private_key_data: bytes | None = None
 
 
 def connection_from_kopf(info: Any) -> Connection:
@@ -52,7 +56,17 @@ def connection_from_kopf(info: Any) -> Connection:
         insecure=bool(info.insecure),
         certificate_path=info.certificate_path,
         private_key_path=info.private_key_path,
+        certificate_data=info.certificate_data,
+        private_key_data=info.private_key_data,
     )
+
+
+def _data_file(data: bytes, suffix: str) -> str:
+    """ssl loads client certificates only from files: put embedded kubeconfig data in one."""
+    with tempfile.NamedTemporaryFile(suffix=suffix, delete=False) as f:
+        f.write(data)
+    os.chmod(f.name, 0o600)
+    return f.name
 
 
 def _ssl_context(conn: Connection) -> ssl.SSLContext | bool:
@@ -65,8 +79,14 @@ def _ssl_context(conn: Connection) -> ssl.SSLContext | bool:
     else:
         cadata = conn.ca_data.decode() if conn.ca_data else None
         ctx = ssl.create_default_context(cafile=conn.ca_path, cadata=cadata)
-    if conn.certificate_path:
-        ctx.load_cert_chain(conn.certificate_path, conn.private_key_path)
+    cert = conn.certificate_path
+    key = conn.private_key_path
+    if cert is None and conn.certificate_data:
+        cert = _data_file(conn.certificate_data, ".crt")
+    if key is None and conn.private_key_data:
+        key = _data_file(conn.private_key_data, ".key")
+    if cert:
+        ctx.load_cert_chain(cert, key)
     return ctx
 
 
