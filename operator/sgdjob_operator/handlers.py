@@ -223,7 +223,11 @@ async def execute(
 
 
 async def finish(
-    client: KubeClient, ref: mf.JobRef, spec: SGDJobSpec, decision: Decision, pods: Any
+    client: KubeClient,
+    ref: mf.JobRef,
+    spec: SGDJobSpec,
+    decision: Decision,
+    pods: list[Mapping[str, Any]],
 ) -> None:
     """Events and clean-up of a job that just succeeded or failed."""
     for a in decision.actions:
@@ -231,6 +235,13 @@ async def finish(
             await post_event(
                 client, ref, warning=isinstance(a, Fail), reason=a.reason, message=a.message
             )
+    await clean_up(client, ref, spec, pods)
+
+
+async def clean_up(
+    client: KubeClient, ref: mf.JobRef, spec: SGDJobSpec, pods: list[Mapping[str, Any]]
+) -> None:
+    """Delete the pods ``cleanPodPolicy`` names; already gone is fine."""
     replicas, _ = observe_pods(pods, ref)
     for r in cleanup_targets(spec.supervision.clean_pod_policy, replicas):
         await client.delete(ref.namespace, "pods", mf.pod_name(ref.name, r.role, r.index))
@@ -259,22 +270,27 @@ async def reconcile_once(
     metrics = state.config.metrics
     previous = runtime.status or load_status(body.get("status"))
     runtime.status = previous
-    if previous.phase in TERMINAL:
-        return True, False
     now = _now()
     if runtime.spec is None:
         try:
             runtime.spec = validate_job(ref.name, body.get("spec") or {})
         except SpecError as err:
-            message = f"invalid spec: {err}"
-            status = failed_status(
-                previous, reason="InvalidSpec", message=message, now=format_time(now)
-            )
-            await write_status(client, ref, runtime, status)
-            await post_event(client, ref, warning=True, reason="InvalidSpec", message=message)
+            if previous.phase not in TERMINAL:
+                message = f"invalid spec: {err}"
+                status = failed_status(
+                    previous, reason="InvalidSpec", message=message, now=format_time(now)
+                )
+                await write_status(client, ref, runtime, status)
+                await post_event(client, ref, warning=True, reason="InvalidSpec", message=message)
             metrics.set_phase(ref.namespace, ref.name, "Failed")
             return True, False
     spec = runtime.spec
+    if previous.phase in TERMINAL:
+        # Resumed after finishing (e.g. the operator restarted mid clean-up): clean up again,
+        # idempotently; the caller then honours the TTL.
+        metrics.set_phase(ref.namespace, ref.name, previous.phase)
+        await clean_up(client, ref, spec, pods)
+        return True, False
     if not runtime.base_ready:
         await ensure_base(client, ref, spec, metrics)
         runtime.base_ready = True

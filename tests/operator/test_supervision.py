@@ -252,3 +252,18 @@ async def test_the_active_deadline_fails_a_running_job(cluster: Cluster) -> None
     assert "activeDeadlineSeconds (1s)" in st["message"]
     failed = [c for c in st["conditions"] if c["type"] == "Failed"]
     assert failed[0]["reason"] == "DeadlineExceeded"
+
+
+async def test_a_restarted_operator_still_honours_the_ttl_of_a_finished_job(
+    cluster: Cluster,
+) -> None:
+    spec = basic_spec(supervision={"ttlSecondsAfterFinished": 1})
+    async with running_operator(cluster.k):
+        await cluster.create_job("j", spec)
+        await start_all(cluster, 4)
+        for i in range(2):
+            await cluster.set_phase(f"j-worker-{i}", "Succeeded", terminated={"exitCode": 0})
+        await eventually(lambda: status(cluster).get("phase") == "Succeeded")
+    assert "j" in cluster.objects("sgdjob.dev/v1alpha1/sgdjobs")
+    async with running_operator(cluster.k):
+        await eventually(lambda: "j" not in cluster.objects("sgdjob.dev/v1alpha1/sgdjobs"))
