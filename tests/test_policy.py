@@ -318,6 +318,7 @@ def test_a_recreated_straggler_keeps_avoiding_its_old_node() -> None:
         (1, "OOMKilled", True),
         (None, "", True),
         (2, "Evicted", True),
+        (-9, "", True),
     ],
 )
 def test_exit_classification(code: int | None, reason: str, retryable: bool) -> None:

@@ -46,6 +46,9 @@ Failure classification (workers): exit code 0 is success; OOMKilled, Evicted, De
 after being seen), Preempted, NodeLost, Shutdown and exit codes >= 128 (killed by a signal)
 are retryable and restart the replica while ``supervision.maxRestarts`` lasts; exit codes
 1..127 are permanent (e.g. 1/2 for an invalid spec or a usage error) and fail the job at once.
+A local executor reports a process killed by signal N (``Popen.returncode == -N``) as exit
+code 128 + N, as a container runtime does, so both executors classify alike (a negative
+code is also taken as a signal).
 A failed shard fails the job: shard checkpoints do not exist yet, so a restarted shard would
 start from fresh parameters.
 
@@ -194,7 +197,8 @@ def is_retryable(exit_code: int | None, reason: str) -> bool:
     if exit_code is None:
         # Failed without a container exit code: the node or the kubelet lost it.
         return True
-    return exit_code >= SIGNAL_EXIT_BASE
+    # Negative: a Popen returncode for a signal, in case an executor passes it unconverted.
+    return exit_code < 0 or exit_code >= SIGNAL_EXIT_BASE
 
 
 def describe_exit(exit_code: int | None, reason: str) -> str:
