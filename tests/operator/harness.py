@@ -129,7 +129,7 @@ class Cluster:
 
 
 async def eventually(
-    check: Callable[[], Any], *, timeout: float = 15.0, what: str = "condition"
+    check: Callable[[], Any], *, timeout: float = 30.0, what: str = "condition"
 ) -> Any:
     """Poll until `check()` is truthy (its value is returned) or fail naming `what`."""
     deadline = time.monotonic() + timeout
