@@ -1,8 +1,9 @@
 """sgdjob_operator: the Kopf operator that runs SGDJobs on Kubernetes.
 
-Modules: ``manifests`` (children as dicts, pure), ``observe`` (pods -> observed replicas, pure),
-``status`` (the next status, pure), ``kube`` (a small API client), ``handlers`` (Kopf handlers,
-the I/O), ``metrics`` (the operator's Prometheus metrics), ``entry`` (flags and start-up).
-Supervision decisions come from ``sgdjob.policy``, shared with the local executor. This
-package imports neither torch nor zmq, and from sgdjob only ``api``, ``contract``, ``policy``.
+Modules: ``manifests`` (children as dicts, pure), ``observe`` (pods -> observed replicas,
+pure), ``status`` (the next status, pure), ``kube`` (a small API client), ``reconcile`` (one
+pass of one job: the I/O), ``handlers`` (the Kopf wiring), ``metrics`` (the operator's
+Prometheus metrics), ``entry`` (flags and start-up). Supervision decisions come from
+``sgdjob.policy``, shared with the local executor. This package imports neither torch nor zmq,
+and from sgdjob only ``api``, ``contract``, ``policy``.
 """

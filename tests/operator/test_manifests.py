@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 
 from sgdjob.api.validation import SpecError, validate_spec
-from sgdjob_operator.handlers import validate_job
 from sgdjob_operator.manifests import JobRef, PodSettings, owned_by, pod, shard_addrs
+from sgdjob_operator.reconcile import validate_job
 from tests.operator.harness import basic_spec
 
 REF = JobRef(name="j", namespace="ns", uid="u1")
