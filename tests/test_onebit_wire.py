@@ -167,7 +167,7 @@ def test_onebit_sends_at_most_a_28th_of_fp32_bytes_per_step(run_job: Any) -> Non
         {"backupWorkers": 1},
         {"mode": "async", "staleness": "zhang"},
         # Momentum 0.9 plus Downpour staleness plus 1-bit noise overshoots; the zhang rule holds.
-    {"mode": "downpour", "fetchEvery": 2, "pushEvery": 2, "staleness": "zhang"},
+        {"mode": "downpour", "fetchEvery": 2, "pushEvery": 2, "staleness": "zhang"},
     ],
     ids=["backup", "async", "downpour"],
 )

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sgdjob.api.types import ReplicaSupervision, SupervisionStatus
 from sgdjob.api.validation import validate_spec
@@ -347,6 +349,7 @@ def test_a_recreated_straggler_keeps_avoiding_its_old_node() -> None:
         (1, "OOMKilled", True),
         (None, "", True),
         (2, "Evicted", True),
+        (-9, "", True),
     ],
 )
 def test_exit_classification(code: int | None, reason: str, retryable: bool) -> None:
@@ -379,3 +382,60 @@ def test_the_policy_module_does_no_io_and_imports_no_torch_or_zmq() -> None:
 def test_the_delete_action_is_used_for_leftovers_only() -> None:
     d = run(all_running(), seen())
     assert not any(isinstance(a, (Delete, Fail)) for a in d.actions)
+
+
+PHASES = ["Pending", "Running", "Succeeded", "Failed", "Terminating", None]
+
+
+@given(
+    phases=st.lists(st.sampled_from(PHASES), min_size=4, max_size=4),
+    codes=st.lists(st.one_of(st.none(), st.integers(-15, 255)), min_size=4, max_size=4),
+    restarts=st.lists(st.integers(0, 4), min_size=4, max_size=4),
+    attempts=st.lists(st.integers(0, 3), min_size=4, max_size=4),
+    seen_flags=st.lists(st.booleans(), min_size=4, max_size=4),
+    step_times=st.lists(st.floats(0.01, 5.0), min_size=3, max_size=3),
+    max_restarts=st.integers(0, 3),
+)
+@settings(max_examples=300, deadline=None)
+def test_any_observation_yields_a_consistent_decision(
+    phases: list[str | None],
+    codes: list[int | None],
+    restarts: list[int],
+    attempts: list[int],
+    seen_flags: list[bool],
+    step_times: list[float],
+    max_restarts: int,
+) -> None:
+    names = [("ps", 0), ("worker", 0), ("worker", 1), ("worker", 2)]
+    observed = [
+        ObservedReplica(role=role, index=i, phase=phase, attempt=a, exit_code=c, node="n")  # type: ignore[arg-type]
+        for (role, i), phase, a, c in zip(names, phases, attempts, codes, strict=True)
+        if phase is not None
+    ]
+    counters = SupervisionStatus(
+        replicas={
+            f"{role}-{i}": ReplicaSupervision(attempt=a, restarts=min(r, a), seen=s)
+            for (role, i), r, a, s in zip(names, restarts, attempts, seen_flags, strict=True)
+        },
+        last_window=0,
+    )
+    d = decide(
+        spec=spec(workers=3, maxRestarts=max_restarts),
+        replicas=observed,
+        counters=counters,
+        progress=Progress(step=1, step_times=dict(enumerate(step_times))),
+        now=NOW,
+        start_time=NOW,
+    )
+    replica_actions = [a for a in d.actions if isinstance(a, (Create, Recreate, Delete))]
+    touched = [(a.role, a.index) for a in replica_actions]
+    assert len(touched) == len(set(touched)), "one action per replica at most"
+    if any(isinstance(a, (Fail, Succeed)) for a in d.actions):
+        assert len(d.actions) == 1 and d.phase in ("Failed", "Succeeded")
+    for name, old in counters.replicas.items():
+        new = d.counters.replicas[name]
+        assert new.attempt >= old.attempt and new.restarts >= old.restarts
+        assert new.restarts <= max(old.restarts, max_restarts), "the budget is never exceeded"
+    for a in replica_actions:
+        if isinstance(a, (Create, Recreate)):
+            assert a.attempt == d.counters.replicas[f"{a.role}-{a.index}"].attempt

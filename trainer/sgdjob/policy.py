@@ -33,8 +33,9 @@ Actions (all frozen dataclasses):
   the operator turns that into node anti-affinity, a local executor just kills and restarts.
 - :class:`Delete` (role, index, reason): stop a leftover of an older attempt and wait.
 - :class:`Succeed` / :class:`Fail` (reason, message): the job is finished.
-- :class:`SetCondition`: a condition the executor should show (Created, Running,
-  Restarting).
+- :class:`SetCondition`: a condition the executor should show: Created (nothing left to
+  create), Running (every replica runs), Restarting (while a restarted or replaced replica
+  is not running again; its message names them).
 
 Every replica carries an ``attempt`` number (pod label ``sgdjob.dev/attempt`` or a field of
 the local process record). A replica observed with an older attempt is a leftover being torn
@@ -46,6 +47,9 @@ Failure classification (workers): exit code 0 is success; OOMKilled, Evicted, De
 after being seen), Preempted, NodeLost, Shutdown and exit codes >= 128 (killed by a signal)
 are retryable and restart the replica while ``supervision.maxRestarts`` lasts; exit codes
 1..127 are permanent (e.g. 1/2 for an invalid spec or a usage error) and fail the job at once.
+A local executor reports a process killed by signal N (``Popen.returncode == -N``) as exit
+code 128 + N, as a container runtime does, so both executors classify alike (a negative
+code is also taken as a signal).
 A failed shard is restarted like a worker (same classification, same budget) when the
 executor says its checkpoints survive it (``shards_recoverable``: the local executor with
 ``checkpoint.every`` set; the operator when, in addition, the output is a PersistentVolumeClaim
@@ -197,7 +201,8 @@ def is_retryable(exit_code: int | None, reason: str) -> bool:
     if exit_code is None:
         # Failed without a container exit code: the node or the kubelet lost it.
         return True
-    return exit_code >= SIGNAL_EXIT_BASE
+    # Negative: a Popen returncode for a signal, in case an executor passes it unconverted.
+    return exit_code < 0 or exit_code >= SIGNAL_EXIT_BASE
 
 
 def describe_exit(exit_code: int | None, reason: str) -> str:
@@ -405,8 +410,21 @@ def decide(
 
     live = [r for r in replicas if r.phase in ("Running", "Succeeded") and not _stale(r, state)]
     creating = any(isinstance(a, Create) for a in actions)
-    if restarted:
-        actions.append(SetCondition("Restarting", "True", "ReplicaRestarted", ", ".join(restarted)))
+    # Restarting stays True until every restarted or replaced replica runs again.
+    recovering = [
+        name
+        for name, rs in state.items()
+        if rs.attempt > 0
+        and (
+            name not in observed
+            or observed[name].attempt < rs.attempt
+            or observed[name].phase not in ("Running", "Succeeded")
+        )
+    ]
+    if recovering:
+        actions.append(
+            SetCondition("Restarting", "True", "ReplicaRestarted", ", ".join(recovering))
+        )
     if not creating:
         actions.append(SetCondition("Created", "True", "AllReplicasCreated"))
     all_running = len(live) == len(expected_replicas(spec))

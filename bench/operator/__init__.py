@@ -1,0 +1,1 @@
+"""Operator benchmark on KMock (see __main__)."""

@@ -1,0 +1,326 @@
+"""The children of an SGDJob as plain dicts: pure functions, no I/O, no clock, no randomness.
+
+For a job ``j`` in namespace ``ns``: ConfigMap ``j-spec`` (the validated spec JSON, mounted at
+``/etc/sgdjob/spec.json`` in every replica), Secret ``j-token`` (the per-job token, passed as
+``SGDJOB_TOKEN`` through a secretKeyRef, never as a literal in the pod spec), headless Service
+``j-ps`` (``publishNotReadyAddresses`` so a shard is resolvable before it is ready), shard pods
+``j-ps-<k>`` (``hostname``/``subdomain`` give ``j-ps-<k>.j-ps.ns.svc.<clusterDomain>``) and
+worker pods ``j-worker-<i>``. Every child has a controller owner reference to the job and the
+labels ``sgdjob.dev/job``, ``sgdjob.dev/role`` and ``sgdjob.dev/index`` (empty for children
+that are not replicas); pods also carry ``sgdjob.dev/attempt`` (see ``sgdjob.policy``).
+
+Pods use ``restartPolicy: Never``: the operator, not the kubelet, decides about restarts.
+
+The output volume is the PersistentVolumeClaim ``spec.kubernetes.outputClaimName`` when set.
+Otherwise it is an ``emptyDir``: the model, metrics and summary live only as long as the pod,
+so with ``cleanPodPolicy: All`` (or any pod deletion) they are gone; name a claim to keep them.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sgdjob.api.defaults import pod_output_dir
+from sgdjob.api.types import API_VERSION, KIND, ObjectMeta, ResourcesSpec, SGDJob, SGDJobSpec
+from sgdjob.api.validation import GPU_RESOURCE, spec_to_json
+from sgdjob.contract import ENV_TOKEN, ProcessContract
+from sgdjob.policy import Role
+
+LABEL_JOB = "sgdjob.dev/job"
+LABEL_ROLE = "sgdjob.dev/role"
+LABEL_INDEX = "sgdjob.dev/index"
+LABEL_ATTEMPT = "sgdjob.dev/attempt"
+
+SPEC_DIR = "/etc/sgdjob"
+SPEC_KEY = "spec.json"
+TOKEN_KEY = "token"
+CONTAINER = "trainer"
+TRAINER_COMMAND = ["sgdjob", "trainer"]
+HOSTNAME_LABEL = "kubernetes.io/hostname"
+
+Manifest = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class JobRef:
+    """What a child needs to know about its owner (from the SGDJob's metadata)."""
+
+    name: str
+    namespace: str
+    uid: str
+
+
+@dataclass(frozen=True)
+class PodSettings:
+    """Operator-wide defaults a pod needs besides the spec."""
+
+    trainer_image: str
+    cluster_domain: str = "cluster.local"
+
+
+def config_map_name(job: str) -> str:
+    return f"{job}-spec"
+
+
+def secret_name(job: str) -> str:
+    return f"{job}-token"
+
+
+def service_name(job: str) -> str:
+    return f"{job}-ps"
+
+
+def pod_name(job: str, role: Role, index: int) -> str:
+    return f"{job}-{role}-{index}"
+
+
+def owner_reference(ref: JobRef) -> dict[str, Any]:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": ref.name,
+        "uid": ref.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def labels(job: str, role: str, index: int | None = None) -> dict[str, str]:
+    return {
+        LABEL_JOB: job,
+        LABEL_ROLE: role,
+        LABEL_INDEX: "" if index is None else str(index),
+    }
+
+
+def _meta(ref: JobRef, name: str, role: str, index: int | None = None) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": ref.namespace,
+        "labels": labels(ref.name, role, index),
+        "ownerReferences": [owner_reference(ref)],
+    }
+
+
+def shard_addrs(ref: JobRef, spec: SGDJobSpec, cluster_domain: str) -> tuple[str, ...]:
+    """The ZeroMQ endpoint of every shard, shard 0 first, by its stable DNS name."""
+    svc = service_name(ref.name)
+    port = spec.parameter_servers.port
+    return tuple(
+        f"tcp://{pod_name(ref.name, 'ps', k)}.{svc}.{ref.namespace}.svc.{cluster_domain}:{port}"
+        for k in range(spec.parameter_servers.shards)
+    )
+
+
+def coordinator_url(ref: JobRef, spec: SGDJobSpec, cluster_domain: str) -> str:
+    """Where shard 0 serves /status inside the cluster."""
+    host = f"{pod_name(ref.name, 'ps', 0)}.{service_name(ref.name)}.{ref.namespace}.svc"
+    return f"http://{host}.{cluster_domain}:{spec.parameter_servers.status_port}/status"
+
+
+def config_map(ref: JobRef, spec: SGDJobSpec) -> Manifest:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(ref, config_map_name(ref.name), "spec"),
+        "data": {SPEC_KEY: spec_to_json(spec)},
+    }
+
+
+def secret(ref: JobRef, token: str) -> Manifest:
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": _meta(ref, secret_name(ref.name), "token"),
+        "data": {TOKEN_KEY: base64.b64encode(token.encode()).decode()},
+    }
+
+
+def service(ref: JobRef, spec: SGDJobSpec) -> Manifest:
+    ps = spec.parameter_servers
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(ref, service_name(ref.name), "service"),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {LABEL_JOB: ref.name, LABEL_ROLE: "ps"},
+            "ports": [
+                {"name": "zmq", "port": ps.port, "targetPort": ps.port},
+                {"name": "status", "port": ps.status_port, "targetPort": ps.status_port},
+            ],
+        },
+    }
+
+
+def _resources(res: ResourcesSpec, gpus: int = 0) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if res.requests:
+        out["requests"] = dict(res.requests)
+    limits = dict(res.limits)
+    if gpus > 0:
+        limits[GPU_RESOURCE] = str(gpus)
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def _anti_affinity(avoid_nodes: Sequence[str]) -> dict[str, Any]:
+    term = {"key": HOSTNAME_LABEL, "operator": "NotIn", "values": sorted(set(avoid_nodes))}
+    return {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchExpressions": [term]}]
+            }
+        }
+    }
+
+
+def _env(contract: ProcessContract, ref: JobRef) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = []
+    for key, value in contract.to_env().items():
+        if key == ENV_TOKEN:
+            ref_ = {"name": secret_name(ref.name), "key": TOKEN_KEY}
+            env.append({"name": key, "valueFrom": {"secretKeyRef": ref_}})
+        else:
+            env.append({"name": key, "value": value})
+    return env
+
+
+def pod(
+    *,
+    ref: JobRef,
+    spec: SGDJobSpec,
+    role: Role,
+    index: int,
+    attempt: int,
+    settings: PodSettings,
+    avoid_nodes: Sequence[str] = (),
+) -> Manifest:
+    """A shard or worker pod for this attempt; ``avoid_nodes`` become node anti-affinity."""
+    k8s = spec.kubernetes
+    ps = spec.parameter_servers
+    job = SGDJob(
+        api_version=API_VERSION,
+        kind=KIND,
+        metadata=ObjectMeta(name=ref.name, namespace=ref.namespace),
+        spec=spec,
+    )
+    output = pod_output_dir(job)
+    is_ps = role == "ps"
+    contract = ProcessContract(
+        role=role,
+        index=index,
+        job_name=ref.name,
+        spec_path=f"{SPEC_DIR}/{SPEC_KEY}",
+        # The literal token never enters the pod spec; _env swaps in a secretKeyRef.
+        token="<from-secret>",
+        output_dir=output,
+        shard_addrs=() if is_ps else shard_addrs(ref, spec, settings.cluster_domain),
+        bind=f"tcp://0.0.0.0:{ps.port}" if is_ps else "",
+        status_bind=f"0.0.0.0:{ps.status_port}" if is_ps and index == 0 else "",
+    )
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": k8s.image or settings.trainer_image,
+        "command": list(TRAINER_COMMAND),
+        "env": _env(contract, ref),
+        "volumeMounts": [
+            {"name": "spec", "mountPath": SPEC_DIR, "readOnly": True},
+            {"name": "output", "mountPath": output},
+        ],
+    }
+    if k8s.image_pull_policy:
+        container["imagePullPolicy"] = k8s.image_pull_policy
+    resources = (
+        _resources(k8s.ps_resources)
+        if is_ps
+        else _resources(k8s.worker_resources, spec.workers.gpus)
+    )
+    if resources:
+        container["resources"] = resources
+    if is_ps:
+        ports = [{"name": "zmq", "containerPort": ps.port}]
+        if index == 0:
+            ports.append({"name": "status", "containerPort": ps.status_port})
+        container["ports"] = ports
+        # Ready = the shard's socket is bound; feeds status.readyShards.
+        container["readinessProbe"] = {"tcpSocket": {"port": ps.port}, "periodSeconds": 5}
+    output_volume: dict[str, Any] = (
+        {"name": "output", "persistentVolumeClaim": {"claimName": k8s.output_claim_name}}
+        if k8s.output_claim_name
+        else {"name": "output", "emptyDir": {}}
+    )
+    name = pod_name(ref.name, role, index)
+    meta = _meta(ref, name, role, index)
+    meta["labels"][LABEL_ATTEMPT] = str(attempt)
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "enableServiceLinks": False,
+        "containers": [container],
+        "volumes": [
+            {"name": "spec", "configMap": {"name": config_map_name(ref.name)}},
+            output_volume,
+        ],
+    }
+    if is_ps:
+        pod_spec["hostname"] = name
+        pod_spec["subdomain"] = service_name(ref.name)
+    if k8s.node_selector:
+        pod_spec["nodeSelector"] = dict(k8s.node_selector)
+    if k8s.tolerations:
+        pod_spec["tolerations"] = [
+            t.model_dump(by_alias=True, exclude_none=True) for t in k8s.tolerations
+        ]
+    if avoid_nodes:
+        pod_spec["affinity"] = _anti_affinity(avoid_nodes)
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}
+
+
+def event(
+    *,
+    ref: JobRef,
+    name: str,
+    type_: str,
+    reason: str,
+    message: str,
+    timestamp: str,
+    component: str = "sgdjob-operator",
+) -> Manifest:
+    """A core/v1 Event about the job; ``name`` must be unique (the caller adds a suffix)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"name": name, "namespace": ref.namespace},
+        "involvedObject": {
+            "apiVersion": API_VERSION,
+            "kind": KIND,
+            "name": ref.name,
+            "namespace": ref.namespace,
+            "uid": ref.uid,
+        },
+        "type": type_,
+        "reason": reason,
+        "message": message[:1024],
+        "source": {"component": component},
+        "reportingComponent": component,
+        "firstTimestamp": timestamp,
+        "lastTimestamp": timestamp,
+        "count": 1,
+    }
+
+
+def owned_by(obj: Mapping[str, Any], ref: JobRef) -> bool:
+    """Whether a listed object is this job's child (the server's label filter is not trusted)."""
+    meta = obj.get("metadata") or {}
+    if (meta.get("labels") or {}).get(LABEL_JOB) != ref.name:
+        return False
+    if meta.get("namespace") not in (None, ref.namespace):
+        return False
+    owners = meta.get("ownerReferences") or []
+    return any(o.get("uid") == ref.uid and o.get("kind") == KIND for o in owners)

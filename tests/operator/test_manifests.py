@@ -1,0 +1,104 @@
+"""Pure manifests and the operator's spec fields: defaults, validation paths, pass-through."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from sgdjob.api.validation import SpecError, validate_spec
+from sgdjob_operator.manifests import JobRef, PodSettings, owned_by, pod, shard_addrs
+from sgdjob_operator.reconcile import validate_job
+from tests.operator.harness import basic_spec
+
+REF = JobRef(name="j", namespace="ns", uid="u1")
+SETTINGS = PodSettings(trainer_image="default:1", cluster_domain="example.org")
+
+
+def test_supervision_and_kubernetes_sections_have_documented_defaults() -> None:
+    spec = validate_spec(basic_spec())
+    sup = spec.supervision
+    assert (sup.max_restarts, sup.clean_pod_policy) == (3, "Running")
+    assert (sup.straggler.factor, sup.straggler.windows, sup.straggler.max_replacements) == (
+        3.0,
+        3,
+        1,
+    )
+    assert sup.pre_running_deadline_seconds is None and sup.active_deadline_seconds is None
+    assert sup.ttl_seconds_after_finished is None
+    assert spec.kubernetes.image is None and spec.kubernetes.output_claim_name is None
+
+
+@pytest.mark.parametrize(
+    ("extra", "path"),
+    [
+        ({"supervision": {"maxRestarts": -1}}, "spec.supervision.maxRestarts"),
+        ({"supervision": {"straggler": {"factor": 1.0}}}, "spec.supervision.straggler.factor"),
+        ({"supervision": {"cleanPodPolicy": "Some"}}, "spec.supervision.cleanPodPolicy"),
+        ({"supervision": {"restarts": 1}}, "spec.supervision.restarts"),
+        (
+            {"kubernetes": {"workerResources": {"limits": {"cpu": "lots"}}}},
+            "spec.kubernetes.workerResources.limits.cpu",
+        ),
+        (
+            {"kubernetes": {"workerResources": {"limits": {"nvidia.com/gpu": "1"}}}},
+            "spec.kubernetes.workerResources",
+        ),
+        (
+            {"kubernetes": {"tolerations": [{"key": "k", "operator": "Exists", "value": "v"}]}},
+            "spec.kubernetes.tolerations[0].value",
+        ),
+        ({"kubernetes": {"outputClaimName": "Not_A_Name"}}, "spec.kubernetes.outputClaimName"),
+    ],
+)
+def test_a_bad_operator_field_is_reported_with_its_path(extra: dict[str, Any], path: str) -> None:
+    with pytest.raises(SpecError) as err:
+        validate_spec(basic_spec(**extra))
+    assert path in err.value.paths
+
+
+def test_a_job_name_too_long_for_pod_names_is_rejected_naming_metadata_name() -> None:
+    with pytest.raises(SpecError) as err:
+        validate_job("x" * 41, basic_spec())
+    assert err.value.paths == ["metadata.name"]
+
+
+def test_a_replaced_pod_avoids_old_nodes_and_uses_the_specs_image_and_pull_policy() -> None:
+    spec = validate_spec(basic_spec(kubernetes={"image": "mine:2", "imagePullPolicy": "Always"}))
+    body = pod(
+        ref=REF,
+        spec=spec,
+        role="worker",
+        index=1,
+        attempt=3,
+        settings=SETTINGS,
+        avoid_nodes=["n2", "n1", "n2"],
+    )
+    (container,) = body["spec"]["containers"]
+    assert container["image"] == "mine:2" and container["imagePullPolicy"] == "Always"
+    assert body["metadata"]["labels"]["sgdjob.dev/attempt"] == "3"
+    terms = body["spec"]["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ]["nodeSelectorTerms"]
+    assert terms[0]["matchExpressions"][0]["values"] == ["n1", "n2"]
+    assert "resources" not in container  # nothing requested, no GPUs
+
+
+def test_without_a_spec_image_the_operator_default_is_used_and_no_affinity_is_set() -> None:
+    body = pod(
+        ref=REF, spec=validate_spec(basic_spec()), role="ps", index=0, attempt=0, settings=SETTINGS
+    )
+    assert body["spec"]["containers"][0]["image"] == "default:1"
+    assert "affinity" not in body["spec"]
+    assert shard_addrs(REF, validate_spec(basic_spec()), "example.org")[1] == (
+        "tcp://j-ps-1.j-ps.ns.svc.example.org:5555"
+    )
+
+
+def test_ownership_needs_the_owner_uid_and_the_job_label() -> None:
+    body = pod(
+        ref=REF, spec=validate_spec(basic_spec()), role="ps", index=0, attempt=0, settings=SETTINGS
+    )
+    assert owned_by(body, REF)
+    assert not owned_by(body, JobRef(name="j", namespace="ns", uid="other"))
+    assert not owned_by(body, JobRef(name="k", namespace="ns", uid="u1"))

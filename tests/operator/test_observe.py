@@ -1,0 +1,104 @@
+"""Pods to observed replicas: phases, exit codes, reasons, attempts, ownership."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from sgdjob_operator.manifests import JobRef
+from sgdjob_operator.observe import format_time, observe_pod, observe_pods, parse_time
+
+REF = JobRef(name="j", namespace="ns", uid="u1")
+
+
+def pod(status: dict[str, Any], **meta: Any) -> dict[str, Any]:
+    labels = {
+        "sgdjob.dev/job": "j",
+        "sgdjob.dev/role": "worker",
+        "sgdjob.dev/index": "3",
+        "sgdjob.dev/attempt": "2",
+    }
+    return {
+        "metadata": {
+            "name": "j-worker-3",
+            "namespace": "ns",
+            "labels": labels,
+            "ownerReferences": [{"kind": "SGDJob", "uid": "u1"}],
+            "creationTimestamp": "2026-01-01T00:00:00Z",
+            **meta,
+        },
+        "spec": {"nodeName": "n1"},
+        "status": status,
+    }
+
+
+def trainer(state: dict[str, Any]) -> dict[str, Any]:
+    return {"containerStatuses": [{"name": "trainer", "state": state}]}
+
+
+@pytest.mark.parametrize(
+    ("status", "phase", "code", "reason"),
+    [
+        ({}, "Pending", None, ""),
+        ({"phase": "Running"}, "Running", None, ""),
+        (
+            {
+                "phase": "Failed",
+                **trainer({"terminated": {"exitCode": 137, "reason": "OOMKilled"}}),
+            },
+            "Failed",
+            137,
+            "OOMKilled",
+        ),
+        ({"phase": "Failed", "reason": "Evicted"}, "Failed", None, "Evicted"),
+        ({"phase": "Unknown"}, "Failed", None, ""),
+        (
+            {"phase": "Pending", **trainer({"waiting": {"reason": "ImagePullBackOff"}})},
+            "Pending",
+            None,
+            "ImagePullBackOff",
+        ),
+        (
+            {
+                "phase": "Pending",
+                "conditions": [
+                    {"type": "PodScheduled", "status": "False", "reason": "Unschedulable"}
+                ],
+            },
+            "Pending",
+            None,
+            "Unschedulable",
+        ),
+        ({"phase": "Succeeded", **trainer({"terminated": {"exitCode": 0}})}, "Succeeded", 0, ""),
+    ],
+)
+def test_a_pod_becomes_an_observed_replica(
+    status: dict[str, Any], phase: str, code: int | None, reason: str
+) -> None:
+    r = observe_pod(pod(status))
+    assert r is not None
+    assert (r.role, r.index, r.attempt, r.node) == ("worker", 3, 2, "n1")
+    assert (r.phase, r.exit_code, r.reason) == (phase, code, reason)
+    assert r.pending_since == parse_time("2026-01-01T00:00:00Z")
+
+
+def test_a_pod_being_deleted_is_terminating() -> None:
+    r = observe_pod(pod({"phase": "Running"}, deletionTimestamp="2026-01-01T00:00:01Z"))
+    assert r is not None and r.phase == "Terminating"
+
+
+def test_pods_of_other_jobs_or_owners_are_ignored_even_if_the_server_returned_them() -> None:
+    mine = pod({"phase": "Running"})
+    other_owner = pod({}, ownerReferences=[{"kind": "SGDJob", "uid": "someone-else"}])
+    other_job = pod({})
+    other_job["metadata"]["labels"] = {**other_job["metadata"]["labels"], "sgdjob.dev/job": "k"}
+    bad_index = pod({})
+    bad_index["metadata"]["labels"] = {**bad_index["metadata"]["labels"], "sgdjob.dev/index": "x"}
+    replicas, by_name = observe_pods([mine, other_owner, other_job, bad_index], REF)
+    assert [r.name for r in replicas] == ["worker-3"] and list(by_name) == ["worker-3"]
+
+
+def test_times_round_trip_in_kubernetes_format() -> None:
+    assert format_time(parse_time("2026-03-04T05:06:07Z") or 0) == "2026-03-04T05:06:07Z"
+    assert parse_time("garbage") is None and parse_time(None) is None

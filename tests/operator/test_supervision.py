@@ -1,0 +1,270 @@
+"""Against KMock: restarts, budgets, stragglers, success, deadlines and operator restarts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kmock
+
+from sgdjob.api.types import SGDJobSpec
+from sgdjob_operator.manifests import JobRef
+from tests.operator.harness import (
+    Cluster,
+    FakeCoordinator,
+    basic_spec,
+    eventually,
+    running_operator,
+    serve_coordinator,
+)
+
+
+def attempt(cluster: Cluster, pod: str) -> str:
+    return cluster.pods()[pod]["metadata"]["labels"]["sgdjob.dev/attempt"]
+
+
+def status(cluster: Cluster, job: str = "j") -> dict[str, Any]:
+    return dict(cluster.job(job).get("status") or {})
+
+
+async def start_all(cluster: Cluster, n_pods: int) -> None:
+    """Wait for the pods and mark every one Running on its own node."""
+    await eventually(lambda: len(cluster.pods()) == n_pods, what=f"{n_pods} pods")
+    for name in sorted(cluster.pods()):
+        await cluster.patch_pod(
+            name, {"spec": {"nodeName": f"node-{name}"}, "status": {"phase": "Running"}}
+        )
+    await eventually(lambda: status(cluster).get("phase") == "Running", what="phase Running")
+
+
+async def test_a_failed_worker_pod_is_recreated_and_counted(cluster: Cluster) -> None:
+    async with running_operator(cluster.k):
+        await cluster.create_job("j", basic_spec())
+        await start_all(cluster, 4)
+        await cluster.set_phase(
+            "j-worker-1", "Failed", terminated={"exitCode": 137, "reason": "OOMKilled"}
+        )
+        await eventually(lambda: attempt(cluster, "j-worker-1") == "1", what="attempt 1")
+        st = await eventually(lambda: status(cluster).get("restarts") == 1 and status(cluster))
+    assert st["replicaRestarts"] == {"worker-1": 1}
+    assert cluster.pods()["j-worker-1"].get("status") is None  # a fresh pod, not the old one
+    assert attempt(cluster, "j-worker-0") == "0"
+    (event,) = [e for e in cluster.events() if e["reason"] == "Restarted"]
+    assert event["type"] == "Warning"
+    assert "j-worker-1" in event["message"] and "OOMKilled" in event["message"]
+    restarting = [c for c in st["conditions"] if c["type"] == "Restarting"]
+    assert restarting[0]["status"] == "True" and restarting[0]["message"] == "worker-1"
+
+
+async def test_restarting_clears_once_the_new_pod_runs(cluster: Cluster) -> None:
+    async with running_operator(cluster.k):
+        await cluster.create_job("j", basic_spec())
+        await start_all(cluster, 4)
+        await cluster.set_phase("j-worker-1", "Failed", terminated={"exitCode": 137})
+        await eventually(lambda: attempt(cluster, "j-worker-1") == "1")
+        await cluster.set_phase("j-worker-1", "Running")
+
+        def restarting() -> str:
+            conds = {c["type"]: c for c in status(cluster).get("conditions", [])}
+            return str(conds["Restarting"]["status"])
+
+        await eventually(lambda: restarting() == "False", what="Restarting False")
+    assert status(cluster)["phase"] == "Running"
+
+
+async def test_an_exhausted_restart_budget_fails_the_job_with_a_message(cluster: Cluster) -> None:
+    async with running_operator(cluster.k):
+        await cluster.create_job("j", basic_spec(supervision={"maxRestarts": 1}))
+        await start_all(cluster, 4)
+        await cluster.set_phase("j-worker-0", "Failed", terminated={"exitCode": 143})
+        await eventually(lambda: attempt(cluster, "j-worker-0") == "1", what="restart")
+        await cluster.set_phase("j-worker-0", "Failed", terminated={"exitCode": 143})
+        st = await eventually(
+            lambda: status(cluster).get("phase") == "Failed" and status(cluster), what="Failed"
+        )
+        # cleanPodPolicy Running (the default): the running pods are deleted, the failed kept.
+        await eventually(lambda: sorted(cluster.pods()) == ["j-worker-0"], what="clean-up")
+    assert "worker 0" in st["message"] and "maxRestarts 1" in st["message"]
+    assert st["restarts"] == 1
+    assert st["completionTime"]
+    failed = [c for c in st["conditions"] if c["type"] == "Failed"]
+    assert failed[0]["reason"] == "RestartBudgetExhausted"
+    assert any(e["reason"] == "RestartBudgetExhausted" for e in cluster.events())
+
+
+async def test_a_permanent_worker_error_fails_the_job_at_once(cluster: Cluster) -> None:
+    async with running_operator(cluster.k):
+        await cluster.create_job("j", basic_spec())
+        await start_all(cluster, 4)
+        await cluster.set_phase("j-worker-1", "Failed", terminated={"exitCode": 2})
+        st = await eventually(lambda: status(cluster).get("phase") == "Failed" and status(cluster))
+    assert "exit code 2" in st["message"] and st["restarts"] == 0
+
+
+async def test_a_failed_shard_fails_the_job_naming_the_shard(cluster: Cluster) -> None:
+    async with running_operator(cluster.k):
+        await cluster.create_job("j", basic_spec())
+        await start_all(cluster, 4)
+        await cluster.set_phase("j-ps-1", "Failed", terminated={"exitCode": 137})
+        st = await eventually(lambda: status(cluster).get("phase") == "Failed" and status(cluster))
+    assert "shard 1" in st["message"]
+
+
+async def test_a_slow_worker_reported_by_the_coordinator_is_replaced(cluster: Cluster) -> None:
+    fake = FakeCoordinator({0: 0.1, 1: 0.11, 2: 1.0})
+    spec = basic_spec(
+        workers={"replicas": 3},
+        supervision={"straggler": {"factor": 3.0, "windows": 2, "maxReplacements": 1}},
+    )
+    async with serve_coordinator(fake) as url:
+
+        def coordinator(_ref: JobRef, _spec: SGDJobSpec) -> str:
+            return url
+
+        async with running_operator(cluster.k, coordinator_url=coordinator):
+            await cluster.create_job("j", spec)
+            await start_all(cluster, 5)
+            await eventually(lambda: attempt(cluster, "j-worker-2") == "1", what="replacement")
+            st = await eventually(
+                lambda: status(cluster).get("replacedStragglers") == 1 and status(cluster)
+            )
+    pod = cluster.pods()["j-worker-2"]
+    term = pod["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert term["nodeSelectorTerms"] == [
+        {
+            "matchExpressions": [
+                {
+                    "key": "kubernetes.io/hostname",
+                    "operator": "NotIn",
+                    "values": ["node-j-worker-2"],
+                }
+            ]
+        }
+    ]
+    assert attempt(cluster, "j-worker-0") == attempt(cluster, "j-worker-1") == "0"
+    assert st["restarts"] == 0
+    assert st["step"] >= 2 and st["loss"] == 0.5 and st["accuracy"] == 0.8
+    assert st["samplesPerSecond"] == 1234.5 and st["totalSteps"] == 100
+    (event,) = [e for e in cluster.events() if e["reason"] == "ReplacedStraggler"]
+    assert "node-j-worker-2" in event["message"]
+
+
+async def test_all_workers_succeeded_succeeds_the_job_and_cleans_up_running_pods(
+    cluster: Cluster,
+) -> None:
+    async with running_operator(cluster.k):
+        await cluster.create_job("j", basic_spec())
+        await start_all(cluster, 4)
+        for i in range(2):
+            await cluster.set_phase(f"j-worker-{i}", "Succeeded", terminated={"exitCode": 0})
+        st = await eventually(
+            lambda: status(cluster).get("phase") == "Succeeded" and status(cluster)
+        )
+        await eventually(
+            lambda: sorted(cluster.pods()) == ["j-worker-0", "j-worker-1"], what="shards cleaned"
+        )
+    assert st["completionTime"]
+    types = {c["type"]: c["status"] for c in st["conditions"]}
+    assert types["Succeeded"] == "True" and types["Running"] == "False"
+    assert any(e["reason"] == "AllWorkersSucceeded" for e in cluster.events())
+
+
+async def test_a_finished_job_is_deleted_after_its_ttl_and_clean_policy_none_keeps_pods(
+    cluster: Cluster,
+) -> None:
+    spec = basic_spec(supervision={"ttlSecondsAfterFinished": 1, "cleanPodPolicy": "None"})
+    async with running_operator(cluster.k):
+        await cluster.create_job("j", spec)
+        await start_all(cluster, 4)
+        for i in range(2):
+            await cluster.set_phase(f"j-worker-{i}", "Succeeded", terminated={"exitCode": 0})
+        await eventually(lambda: status(cluster).get("phase") == "Succeeded")
+        assert len(cluster.pods()) == 4
+        await eventually(lambda: "j" not in cluster.objects("sgdjob.dev/v1alpha1/sgdjobs"))
+
+
+async def test_a_pod_pending_past_the_deadline_fails_the_job_naming_the_reason(
+    cluster: Cluster,
+) -> None:
+    async with running_operator(cluster.k):
+        await cluster.create_job("j", basic_spec(supervision={"preRunningDeadlineSeconds": 60}))
+        await eventually(lambda: len(cluster.pods()) == 4)
+        # KMock sets no creationTimestamp: this pod has been Pending for an hour.
+        await cluster.patch_pod(
+            "j-worker-1",
+            {
+                "metadata": {"creationTimestamp": "2020-01-01T00:00:00Z"},
+                "status": {
+                    "phase": "Pending",
+                    "containerStatuses": [
+                        {"name": "trainer", "state": {"waiting": {"reason": "ImagePullBackOff"}}}
+                    ],
+                },
+            },
+        )
+        st = await eventually(lambda: status(cluster).get("phase") == "Failed" and status(cluster))
+    assert "worker-1" in st["message"] and "ImagePullBackOff" in st["message"]
+    assert "60s" in st["message"]
+
+
+async def test_the_operator_restarted_mid_job_creates_no_duplicates_and_keeps_counters(
+    cluster: Cluster,
+) -> None:
+    async with running_operator(cluster.k):
+        await cluster.create_job("j", basic_spec())
+        await start_all(cluster, 4)
+        await cluster.set_phase("j-worker-0", "Failed", terminated={"exitCode": 137})
+        await eventually(lambda: status(cluster).get("restarts") == 1)
+        await eventually(lambda: attempt(cluster, "j-worker-0") == "1")
+    before = {n: p["metadata"]["labels"] for n, p in cluster.pods().items()}
+    posts_before = _pod_posts(cluster)
+
+    async with running_operator(cluster.k) as state:
+        # Let the new operator resume and run several passes over the same job.
+        await eventually(lambda: state.config.metrics.reconciles >= 5, what="passes")
+        assert _pod_posts(cluster) == posts_before
+        assert {n: p["metadata"]["labels"] for n, p in cluster.pods().items()} == before
+        assert status(cluster)["restarts"] == 1
+        # The counters carried over: the next failure is restart number 2.
+        await cluster.patch_pod("j-worker-0", {"status": {"phase": "Running"}})
+        await cluster.set_phase("j-worker-0", "Failed", terminated={"exitCode": 137})
+        st = await eventually(lambda: status(cluster).get("restarts") == 2 and status(cluster))
+    assert st["replicaRestarts"] == {"worker-0": 2}
+    assert attempt(cluster, "j-worker-0") == "2"
+    assert len(cluster.pods()) == 4
+
+
+def _pod_posts(cluster: Cluster) -> int:
+    """Pod creation requests KMock has served so far (iterating a KMock view = its requests)."""
+    return sum(
+        1
+        for r in cluster.k
+        if r.action == kmock.action.CREATE
+        and r.resource is not None
+        and r.resource.plural == "pods"
+    )
+
+
+async def test_the_active_deadline_fails_a_running_job(cluster: Cluster) -> None:
+    async with running_operator(cluster.k):
+        await cluster.create_job("j", basic_spec(supervision={"activeDeadlineSeconds": 1}))
+        # Not waiting for phase Running: on a loaded machine the deadline may come first.
+        await eventually(lambda: len(cluster.pods()) == 4)
+        st = await eventually(lambda: status(cluster).get("phase") == "Failed" and status(cluster))
+    assert "activeDeadlineSeconds (1s)" in st["message"]
+    failed = [c for c in st["conditions"] if c["type"] == "Failed"]
+    assert failed[0]["reason"] == "DeadlineExceeded"
+
+
+async def test_a_restarted_operator_still_honours_the_ttl_of_a_finished_job(
+    cluster: Cluster,
+) -> None:
+    spec = basic_spec(supervision={"ttlSecondsAfterFinished": 1})
+    async with running_operator(cluster.k):
+        await cluster.create_job("j", spec)
+        await start_all(cluster, 4)
+        for i in range(2):
+            await cluster.set_phase(f"j-worker-{i}", "Succeeded", terminated={"exitCode": 0})
+        await eventually(lambda: status(cluster).get("phase") == "Succeeded")
+    assert "j" in cluster.objects("sgdjob.dev/v1alpha1/sgdjobs")
+    async with running_operator(cluster.k):
+        await eventually(lambda: "j" not in cluster.objects("sgdjob.dev/v1alpha1/sgdjobs"))
