@@ -5,5 +5,5 @@ pure), ``status`` (the next status, pure), ``kube`` (a small API client), ``reco
 pass of one job: the I/O), ``handlers`` (the Kopf wiring), ``metrics`` (the operator's
 Prometheus metrics), ``entry`` (flags and start-up). Supervision decisions come from
 ``sgdjob.policy``, shared with the local executor. This package imports neither torch nor zmq,
-and from sgdjob only ``api``, ``contract``, ``policy``.
+and from sgdjob only ``api``, ``contract``, ``policy`` and ``curvekeys``.
 """

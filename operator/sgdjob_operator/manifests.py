@@ -2,7 +2,8 @@
 
 For a job ``j`` in namespace ``ns``: ConfigMap ``j-spec`` (the validated spec JSON, mounted at
 ``/etc/sgdjob/spec.json`` in every replica), Secret ``j-token`` (the per-job token, passed as
-``SGDJOB_TOKEN`` through a secretKeyRef, never as a literal in the pod spec), headless Service
+``SGDJOB_TOKEN`` through a secretKeyRef, never as a literal in the pod spec; with CURVE also the
+job's key pairs, each role getting only its share), headless Service
 ``j-ps`` (``publishNotReadyAddresses`` so a shard is resolvable before it is ready), shard pods
 ``j-ps-<k>`` (``hostname``/``subdomain`` give ``j-ps-<k>.j-ps.ns.svc.<clusterDomain>``) and
 worker pods ``j-worker-<i>``. Every child has a controller owner reference to the job and the
@@ -26,7 +27,16 @@ from typing import Any
 from sgdjob.api.defaults import pod_output_dir
 from sgdjob.api.types import API_VERSION, KIND, ObjectMeta, ResourcesSpec, SGDJob, SGDJobSpec
 from sgdjob.api.validation import GPU_RESOURCE, spec_to_json
-from sgdjob.contract import ENV_TOKEN, ProcessContract
+from sgdjob.contract import (
+    ENV_CURVE_CLIENT_PUBLIC,
+    ENV_CURVE_CLIENT_SECRET,
+    ENV_CURVE_SERVER_PUBLIC,
+    ENV_CURVE_SERVER_SECRET,
+    ENV_TOKEN,
+    ProcessContract,
+    with_curve,
+)
+from sgdjob.curvekeys import JobKeys
 from sgdjob.policy import Role
 
 LABEL_JOB = "sgdjob.dev/job"
@@ -37,6 +47,14 @@ LABEL_ATTEMPT = "sgdjob.dev/attempt"
 SPEC_DIR = "/etc/sgdjob"
 SPEC_KEY = "spec.json"
 TOKEN_KEY = "token"
+# Environment variable -> key in the job's Secret (values never appear in a pod spec).
+CURVE_FIELDS = (
+    (ENV_CURVE_SERVER_PUBLIC, "server_public"),
+    (ENV_CURVE_SERVER_SECRET, "server_secret"),
+    (ENV_CURVE_CLIENT_PUBLIC, "client_public"),
+    (ENV_CURVE_CLIENT_SECRET, "client_secret"),
+)
+SECRET_KEYS = {ENV_TOKEN: TOKEN_KEY} | {env: f.replace("_", "-") for env, f in CURVE_FIELDS}
 CONTAINER = "trainer"
 TRAINER_COMMAND = ["sgdjob", "trainer"]
 HOSTNAME_LABEL = "kubernetes.io/hostname"
@@ -130,13 +148,17 @@ def config_map(ref: JobRef, spec: SGDJobSpec) -> Manifest:
     }
 
 
-def secret(ref: JobRef, token: str) -> Manifest:
+def secret(ref: JobRef, token: str, keys: JobKeys | None = None) -> Manifest:
+    """The job's token and, with CURVE, its two key pairs; mounted only into its own pods."""
+    data = {TOKEN_KEY: token}
+    if keys is not None:
+        data.update({SECRET_KEYS[env]: getattr(keys, field) for env, field in CURVE_FIELDS})
     return {
         "apiVersion": "v1",
         "kind": "Secret",
         "type": "Opaque",
         "metadata": _meta(ref, secret_name(ref.name), "token"),
-        "data": {TOKEN_KEY: base64.b64encode(token.encode()).decode()},
+        "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
     }
 
 
@@ -184,8 +206,8 @@ def _anti_affinity(avoid_nodes: Sequence[str]) -> dict[str, Any]:
 def _env(contract: ProcessContract, ref: JobRef) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = []
     for key, value in contract.to_env().items():
-        if key == ENV_TOKEN:
-            ref_ = {"name": secret_name(ref.name), "key": TOKEN_KEY}
+        if key in SECRET_KEYS:
+            ref_ = {"name": secret_name(ref.name), "key": SECRET_KEYS[key]}
             env.append({"name": key, "valueFrom": {"secretKeyRef": ref_}})
         else:
             env.append({"name": key, "value": value})
@@ -224,7 +246,12 @@ def pod(
         shard_addrs=() if is_ps else shard_addrs(ref, spec, settings.cluster_domain),
         bind=f"tcp://0.0.0.0:{ps.port}" if is_ps else "",
         status_bind=f"0.0.0.0:{ps.status_port}" if is_ps and index == 0 else "",
+        attempt=attempt,
     )
+    if spec.security.curve:
+        # Placeholders: _env turns every key variable into a secretKeyRef; each role gets
+        # only its share (no worker holds the server secret, no shard the client secret).
+        contract = with_curve(contract, {f: "<from-secret>" for _, f in CURVE_FIELDS})
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": k8s.image or settings.trainer_image,

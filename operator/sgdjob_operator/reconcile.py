@@ -24,6 +24,7 @@ import aiohttp
 
 from sgdjob.api.types import API_VERSION, KIND, PLURAL, SGDJobSpec, SGDJobStatus
 from sgdjob.api.validation import SpecError, parse_job
+from sgdjob.curvekeys import JobKeys
 from sgdjob.policy import Create, Decision, Delete, Fail, Recreate, Succeed, cleanup_targets, decide
 from sgdjob_operator import manifests as mf
 from sgdjob_operator.kube import Connection, KubeClient
@@ -128,7 +129,13 @@ async def ensure_base(
     """ConfigMap, token Secret and Service; 409 means a previous pass made them."""
     for plural, body in (
         ("configmaps", mf.config_map(ref, spec)),
-        ("secrets", mf.secret(ref, secrets.token_hex(32))),
+        # Made once per job (a later pass gets 409 and keeps the first keys).
+        (
+            "secrets",
+            mf.secret(
+                ref, secrets.token_hex(32), JobKeys.generate() if spec.security.curve else None
+            ),
+        ),
         ("services", mf.service(ref, spec)),
     ):
         # Await first: `x += await f()` reads x before awaiting and loses concurrent updates.
@@ -279,6 +286,9 @@ async def reconcile_once(
         progress=report.progress() if report is not None else None,
         now=now,
         start_time=parse_time(previous.start_time) or now,
+        # A restarted shard pod finds its checkpoints only on a volume that outlives pods.
+        shards_recoverable=spec.checkpoint.every is not None
+        and spec.kubernetes.output_claim_name is not None,
     )
     current = {r.name for r in replicas if not _is_stale(r, decision)}
     ready = [by_name[n] for n in current if is_ready(by_name[n])]

@@ -29,6 +29,7 @@ class CoordinatorReport:
     samples_per_second: float | None = None
     finished: bool = False
     step_times: Mapping[int, float | None] = field(default_factory=dict)
+    restored_from: int | None = None  # the checkpoint version shard 0 restarted from
 
     def progress(self) -> Progress:
         return Progress(step=self.step, step_times=self.step_times)
@@ -74,6 +75,7 @@ def parse_coordinator(doc: Any) -> CoordinatorReport | None:
         samples_per_second=_num(doc.get("samplesPerSecond")),
         finished=doc.get("finished") is True,
         step_times=times,
+        restored_from=_int(doc.get("restoredFrom")),
     )
 
 
@@ -128,6 +130,7 @@ def _progress_fields(report: CoordinatorReport | None) -> dict[str, Any]:
         "loss": report.loss,
         "accuracy": report.accuracy,
         "samples_per_second": report.samples_per_second,
+        **({"restored_version": report.restored_from} if report.restored_from is not None else {}),
     }
 
 

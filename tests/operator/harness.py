@@ -171,8 +171,11 @@ async def running_operator(
 class FakeCoordinator:
     """Serves shard 0's /status contract; the step advances on every request."""
 
-    def __init__(self, step_times: Mapping[int, float | None]) -> None:
+    def __init__(
+        self, step_times: Mapping[int, float | None], restored_from: int | None = None
+    ) -> None:
         self.step_times = dict(step_times)
+        self.restored_from = restored_from
         self.step = 0
         self.requests = 0
 
@@ -187,6 +190,7 @@ class FakeCoordinator:
                 "accuracy": 0.8,
                 "samplesPerSecond": 1234.5,
                 "finished": False,
+                "restoredFrom": self.restored_from,
                 "workers": {
                     str(i): {"step": self.step, "stepTime": t, "loss": 0.5}
                     for i, t in self.step_times.items()

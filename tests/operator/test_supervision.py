@@ -109,6 +109,56 @@ async def test_a_failed_shard_fails_the_job_naming_the_shard(cluster: Cluster) -
     assert "shard 1" in st["message"]
 
 
+async def test_a_failed_shard_with_checkpoints_on_a_claim_is_recreated_and_restore_shown(
+    cluster: Cluster,
+) -> None:
+    fake = FakeCoordinator({0: 0.1, 1: 0.1}, restored_from=40)
+    spec = basic_spec(checkpoint={"every": 20}, kubernetes={"outputClaimName": "runs"})
+    async with serve_coordinator(fake) as url:
+
+        def coordinator(_ref: JobRef, _spec: SGDJobSpec) -> str:
+            return url
+
+        async with running_operator(cluster.k, coordinator_url=coordinator):
+            await cluster.create_job("j", spec)
+            await start_all(cluster, 4)
+            await cluster.set_phase("j-ps-0", "Failed", terminated={"exitCode": 137})
+            await eventually(lambda: attempt(cluster, "j-ps-0") == "1", what="shard recreated")
+            st = await eventually(
+                lambda: (
+                    status(cluster).get("restarts") == 1
+                    and status(cluster).get("restoredVersion") == 40
+                    and status(cluster)
+                )
+            )
+    assert st["replicaRestarts"] == {"ps-0": 1}
+    assert st["phase"] != "Failed"
+    volumes = cluster.pods()["j-ps-0"]["spec"]["volumes"]
+    assert {"name": "output", "persistentVolumeClaim": {"claimName": "runs"}} in volumes
+    (event,) = [e for e in cluster.events() if e["reason"] == "Restarted"]
+    assert "j-ps-0" in event["message"]
+
+
+async def test_every_pod_gets_only_its_roles_share_of_the_job_keys(cluster: Cluster) -> None:
+    async with running_operator(cluster.k):
+        await cluster.create_job("j", basic_spec())
+        await eventually(lambda: len(cluster.pods()) == 4, what="4 pods")
+    secret = cluster.objects("v1/secrets")["j-token"]
+    assert {"token", "server-public", "server-secret", "client-public", "client-secret"} <= set(
+        secret["data"]
+    )
+    for name, pod in cluster.pods().items():
+        env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
+        for var in ("SGDJOB_CURVE_SERVER_PUBLIC", "SGDJOB_CURVE_CLIENT_PUBLIC", "SGDJOB_TOKEN"):
+            assert env[var]["valueFrom"]["secretKeyRef"]["name"] == "j-token"
+            assert "value" not in env[var]  # no key material in the pod spec
+        has_server_secret = "SGDJOB_CURVE_SERVER_SECRET" in env
+        has_client_secret = "SGDJOB_CURVE_CLIENT_SECRET" in env
+        assert (has_server_secret, has_client_secret) == (
+            (True, False) if "-ps-" in name else (False, True)
+        )
+
+
 async def test_a_slow_worker_reported_by_the_coordinator_is_replaced(cluster: Cluster) -> None:
     fake = FakeCoordinator({0: 0.1, 1: 0.11, 2: 1.0})
     spec = basic_spec(

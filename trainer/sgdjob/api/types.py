@@ -293,6 +293,11 @@ class SGDJobStatus(BaseModel):
         default_factory=dict, description="Restarts per replica, e.g. `worker-1`."
     )
     replaced_stragglers: int = 0
+    restored_version: int | None = Field(
+        default=None,
+        description="The checkpoint version the coordinator (shard 0) restored after its last "
+        "restart; other shards log theirs.",
+    )
     start_time: str | None = None
     completion_time: str | None = None
     observed_generation: int | None = None
