@@ -276,12 +276,13 @@ class Shard:
             onebit = self._onebit_payload(h, msg)
         else:
             parts = self._gradient_parts(h, msg)
-        self.next_step[h.worker] = max(self.next_step.get(h.worker, 0), h.step + 1)
-        self.stats.record_push(h.worker)
         if h.version > self.version:
             raise ProtocolError(
                 ErrorCode.BAD_STATE, f"gradient for version {h.version}, shard is at {self.version}"
             )
+        # Only now is the push accepted (applied, kept or dropped): a rejected one changes nothing.
+        self.next_step[h.worker] = max(self.next_step.get(h.worker, 0), h.step + 1)
+        self.stats.record_push(h.worker)
         if self.mode == "sync":
             if h.version < self.version:
                 self.stats.record_drop(h.worker)  # a backup worker lost the race for this step
