@@ -206,7 +206,11 @@ class Shard:
         self.done.discard(h.worker)  # a restarted worker is back in the game
         self.mirrors.pop(h.worker, None)  # ... and holds no parameters: next pull is full
         self.stats.record_hello(h.worker)
-        resume = self.version if self.mode == "sync" else self.next_step.get(h.worker, 0)
+        # A worker never resumes past its last step (h.step, the job's step count by now): the
+        # WELCOME's u64 step field must hold it even after a push that claimed step 2**64 - 1.
+        resume = (
+            self.version if self.mode == "sync" else min(self.next_step.get(h.worker, 0), h.step)
+        )
         self.send(
             Header(
                 op=Op.WELCOME,
