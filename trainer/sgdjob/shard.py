@@ -364,6 +364,7 @@ class Shard:
     def _report(self, h: Header, msg: Incoming) -> None:
         if len(msg.frames) != 1 or h.nframes != 1:
             raise ProtocolError(ErrorCode.BAD_PAYLOAD, "a report is one frame")
+        check_frames(h, msg.frame_sizes())  # its nbytes too, like every other payload's
         report = Report.unpack(msg.frames[0].buffer)
         self.stats.record_report(h.worker, report)
 
