@@ -33,7 +33,7 @@ from sgdjob.protocol import (
     Report,
     parse_header,
 )
-from sgdjob.shard import SILENT
+from sgdjob.shard import SILENT, Shard
 from sgdjob.transport import Incoming
 from tests.fuzzing import (
     BUCKET,
@@ -73,11 +73,15 @@ class PackingSend:
 class Rig:
     """A shard (after every worker's HELLO) and the valid messages for its current state."""
 
-    def __init__(self, rng: random.Random, *, onebit: bool, **training: Any) -> None:
+    def __init__(
+        self, rng: random.Random, *, onebit: bool, shard: Shard | None = None, **training: Any
+    ) -> None:
+        """A 2-worker shard of COUNT parameters, or ``shard`` (any other, e.g. before any HELLO)."""
         spec: dict[str, Any] = {"training": {"momentum": 0.5, **training}}
         if onebit:
             spec["compression"] = {"kind": "onebit", "bucketSize": BUCKET, "serverToWorker": True}
-        self.shard, _ = make_shard(count=COUNT, steps=STEPS, workers=2, **spec)
+        self.shard = shard or make_shard(count=COUNT, steps=STEPS, workers=2, **spec)[0]
+        self.count, self.steps = self.shard.slice.count, self.shard.total_steps or STEPS
         self.send = PackingSend()
         self.shard.send = self.send
         self.rng = rng
@@ -90,7 +94,7 @@ class Rig:
         return Header(op=op, token=TOKEN, worker=worker, shard=0, **kw).pack()
 
     def hello(self) -> Wire:
-        return self.header(Op.HELLO, step=STEPS, aux=float(COUNT)), []
+        return self.header(Op.HELLO, step=self.steps, aux=float(self.count)), []
 
     def pull(self) -> Wire:
         version = self.rng.randrange(self.shard.version + 3)
@@ -115,14 +119,15 @@ class Rig:
     def push(self) -> Wire:
         v = self.shard.version
         version = v if self.shard.mode == "sync" else self.rng.randrange(max(0, v - 2), v + 1)
-        grad = np.array([self.rng.gauss(0, 0.1) for _ in range(COUNT)], np.float32)
-        kw = dict(version=version, step=self.rng.randrange(STEPS), offset=0, count=COUNT)
+        grad = np.random.default_rng(self.rng.randrange(1 << 30)).standard_normal(self.count) * 0.1
+        grad = grad.astype(np.float32)
+        kw = dict(version=version, step=self.rng.randrange(self.steps), offset=0, count=self.count)
         if self.onebit:
             enc = quantize(grad, BUCKET)
             frames = [enc.bits.tobytes(), enc.scales.tobytes()]
             kw.update(dtype=DType.ONEBIT, compression=Compression.ONEBIT, bucket_size=BUCKET)
         else:
-            cuts = sorted(self.rng.sample(range(1, COUNT), self.rng.randrange(3)))
+            cuts = sorted(self.rng.sample(range(1, self.count), self.rng.randrange(3)))
             frames = [p.tobytes() for p in np.split(grad, cuts)]
             kw.update(dtype=DType.FLOAT32)
         h = self.header(Op.PUSH, nbytes=sum(map(len, frames)), nframes=len(frames), **kw)
@@ -159,7 +164,7 @@ class Rig:
 
     def deliver(self, wire: Wire, identity: bytes = b"fuzz") -> ErrorCode | None:
         """Hand one message to the shard; the rejection code, or None if it was accepted."""
-        before, version = self.state(), self.shard.version
+        before, version, steps = self.state(), self.shard.version, self.shard.total_steps
         counts_before = Counter(self.shard.stats.rejected)
         self.send.replies.clear()
         header, frames = wire
@@ -176,14 +181,14 @@ class Rig:
                 ((to, err),) = replies
                 assert to == identity and err.op == Op.ERROR and err.error == code
             return code
-        problem = invalid_because(self, wire, version)
+        problem = invalid_because(self, wire, version, steps)
         assert problem is None, f"accepted an invalid message: {problem}"
         if get_field(header, "op") != Op.PUSH:
             assert self.shard.checksum() == before[0], "only a push may change parameters"
         return None
 
 
-def invalid_because(rig: Rig, wire: Wire, version_before: int) -> str | None:
+def invalid_because(rig: Rig, wire: Wire, version_before: int, steps: int | None) -> str | None:
     """An independent statement of what a valid request is; None if ``wire`` is one."""
     header, frames = wire
     try:
@@ -195,7 +200,7 @@ def invalid_because(rig: Rig, wire: Wire, version_before: int) -> str | None:
         return f"op {h.op.name} worker {h.worker} shard {h.shard}"
     if h.op in (Op.HELLO, Op.PULL, Op.DONE) and (frames or h.nframes or h.nbytes):
         return "payload on a request without one"
-    if h.op == Op.HELLO and (int(h.aux) != COUNT or h.step != STEPS):
+    if h.op == Op.HELLO and (int(h.aux) != rig.count or h.step != (steps or h.step)):
         return f"hello for {h.aux} parameters, {h.step} steps"
     if h.op == Op.REPORT:
         if sizes != [Report.STRUCT.size] or h.nframes != 1 or h.nbytes != Report.STRUCT.size:
@@ -206,7 +211,7 @@ def invalid_because(rig: Rig, wire: Wire, version_before: int) -> str | None:
             return f"report: {err}"
     if h.op != Op.PUSH:
         return None
-    if (h.offset, h.count) != (0, COUNT) or h.version > version_before:
+    if (h.offset, h.count) != (0, rig.count) or h.version > version_before:
         return f"push of [{h.offset}, +{h.count}) at version {h.version}"
     if len(frames) != h.nframes or sum(sizes) != h.nbytes:
         return f"frames {sizes} for {h.nframes} frames, {h.nbytes} bytes"
@@ -219,11 +224,11 @@ def invalid_because(rig: Rig, wire: Wire, version_before: int) -> str | None:
         ):
             return f"1-bit push as {h.dtype.name}/{h.compression.name}/{h.bucket_size}"
         try:
-            validate_payload(frames[0], frames[1], count=COUNT, bucket_size=BUCKET)
+            validate_payload(frames[0], frames[1], count=rig.count, bucket_size=BUCKET)
         except CompressionError as err:
             return f"1-bit payload: {err}"
         return None
-    if h.dtype != DType.FLOAT32 or h.nbytes != 4 * COUNT or any(s % 4 for s in sizes):
+    if h.dtype != DType.FLOAT32 or h.nbytes != 4 * rig.count or any(s % 4 for s in sizes):
         return f"fp32 push of {sizes} as {h.dtype.name}"
     if not np.isfinite(np.frombuffer(b"".join(frames), np.float32)).all():
         return "non-finite gradient"
