@@ -23,6 +23,7 @@ import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ import zmq
 from sgdjob.api.types import SGDJobSpec
 from sgdjob.api.validation import parse_job, spec_to_json
 from sgdjob.contract import ProcessContract
-from sgdjob.protocol import ErrorCode, Header, Op, parse_header, token_digest
+from sgdjob.protocol import DType, ErrorCode, Header, Op, parse_header, token_digest
 from sgdjob.shard import SILENT, Shard
 from sgdjob.slicing import partition
 from sgdjob.stats import ShardStats
@@ -47,6 +48,7 @@ SIZE = 64 * 32 + 32 + 32 * 10 + 10  # the digits MLP with one hidden layer of 32
 MESSAGES = 10_000
 JOBS = {
     "fp32": {},
+    "fp32 async": {"training": {"mode": "async", "staleness": "zhang"}},
     "1-bit": {"compression": {"kind": "onebit", "bucketSize": BUCKET, "serverToWorker": True}},
 }
 
@@ -83,6 +85,7 @@ def live(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, A
             "proc": proc,
             "spec": job.spec,
             "onebit": request.param == "1-bit",
+            "async": "async" in request.param,
         }
     finally:
         proc.kill()
@@ -209,4 +212,44 @@ def test_ten_thousand_random_and_mutated_messages_are_each_rejected_counted_and_
     assert status(live["status"])["totalSteps"] == 60
     for s in socks:
         s.close()
+    ctx.term()
+
+
+@pytest.mark.parametrize("live", ["fp32 async"], indirect=True)
+def test_an_async_shard_process_survives_a_push_claiming_the_last_u64_step(
+    live: dict[str, Any],
+) -> None:
+    """Before the fix the next WELCOME could not be packed and the process exited 1."""
+    token = token_digest(SECRET)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(live["endpoint"])
+    hello = Header(op=Op.HELLO, token=token, worker=0, step=60, aux=float(SIZE)).pack()
+    push = Header(
+        op=Op.PUSH,
+        token=token,
+        worker=0,
+        version=0,
+        step=2**64 - 1,
+        count=SIZE,
+        nbytes=4 * SIZE,
+        nframes=1,
+        dtype=DType.FLOAT32,
+    )
+    for frames in (
+        [hello],
+        [push.pack(), bytes(4 * SIZE)],
+        [replace(push, version=5).pack(), bytes(4 * SIZE)],
+        [hello],
+    ):
+        sock.send_multipart(frames)
+    replies = []
+    while len(replies) < 3 and sock.poll(10_000):
+        replies.append(parse_header(sock.recv(), token=token))
+    assert [r.op for r in replies] == [Op.WELCOME, Op.ERROR, Op.WELCOME]
+    assert replies[1].error == ErrorCode.BAD_STATE and replies[2].step == 60
+    assert live["proc"].poll() is None
+    assert status(live["status"])["step"] == 1  # the valid push was applied
+    sock.close()
     ctx.term()
