@@ -250,7 +250,11 @@ class Shard:
         self.done.discard(h.worker)  # a restarted worker is back in the game
         self.mirrors.pop(h.worker, None)  # ... and holds no parameters: next pull is full
         self.stats.record_hello(h.worker)
-        resume = self.version if self.mode == "sync" else self.next_step.get(h.worker, 0)
+        # A worker never resumes past its last step (h.step, the job's step count by now): the
+        # WELCOME's u64 step field must hold it even after a push that claimed step 2**64 - 1.
+        resume = (
+            self.version if self.mode == "sync" else min(self.next_step.get(h.worker, 0), h.step)
+        )
         self.send(
             Header(
                 op=Op.WELCOME,
@@ -320,12 +324,13 @@ class Shard:
             onebit = self._onebit_payload(h, msg)
         else:
             parts = self._gradient_parts(h, msg)
-        self.next_step[h.worker] = max(self.next_step.get(h.worker, 0), h.step + 1)
-        self.stats.record_push(h.worker)
         if h.version > self.version:
             raise ProtocolError(
                 ErrorCode.BAD_STATE, f"gradient for version {h.version}, shard is at {self.version}"
             )
+        # Only now is the push accepted (applied, kept or dropped): a rejected one changes nothing.
+        self.next_step[h.worker] = max(self.next_step.get(h.worker, 0), h.step + 1)
+        self.stats.record_push(h.worker)
         if self.mode == "sync":
             if h.version < self.version or self.finished:
                 # A backup worker lost the race for this step, or this shard already ran
@@ -410,6 +415,7 @@ class Shard:
     def _report(self, h: Header, msg: Incoming) -> None:
         if len(msg.frames) != 1 or h.nframes != 1:
             raise ProtocolError(ErrorCode.BAD_PAYLOAD, "a report is one frame")
+        check_frames(h, msg.frame_sizes())  # its nbytes too, like every other payload's
         report = Report.unpack(msg.frames[0].buffer)
         self.stats.record_report(h.worker, report)
 
