@@ -33,7 +33,7 @@ import zmq
 
 from sgdjob.api.types import SGDJobSpec
 from sgdjob.api.validation import parse_job, spec_to_json
-from sgdjob.contract import ProcessContract
+from sgdjob.contract import ProcessContract, with_curve
 from sgdjob.protocol import DType, ErrorCode, Header, Op, parse_header, token_digest
 from sgdjob.shard import SILENT, Shard
 from sgdjob.slicing import partition
@@ -41,7 +41,7 @@ from sgdjob.stats import ShardStats
 from tests.conftest import job_doc
 from tests.fuzzing import BUCKET, Wire, checks_for, random_change
 from tests.test_fuzz_shard import Rig
-from tests.test_shard_process import status
+from tests.test_shard_process import KEYS, status
 
 SECRET = "t"  # the token of tests.test_shard, which the message builders use
 SIZE = 64 * 32 + 32 + 32 * 10 + 10  # the digits MLP with one hidden layer of 32
@@ -69,6 +69,7 @@ def live(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, A
         status_bind="127.0.0.1:0",
         ready_file=str(tmp_path / "ready.json"),
     )
+    c = with_curve(c, KEYS.__dict__)  # the attackers below hold the job's keys: insiders
     proc = subprocess.Popen(
         [sys.executable, "-m", "sgdjob", "trainer"], env={**os.environ, **c.to_env()}
     )
@@ -90,6 +91,13 @@ def live(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, A
     finally:
         proc.kill()
         proc.wait()
+
+
+def curve_client(sock: zmq.Socket) -> None:  # type: ignore[type-arg]
+    """Give a socket the job's client keys, so its frames reach the shard's own checks."""
+    sock.curve_serverkey = KEYS.server_public.encode()
+    sock.curve_publickey = KEYS.client_public.encode()
+    sock.curve_secretkey = KEYS.client_secret.encode()
 
 
 def twin(spec: SGDJobSpec) -> Shard:
@@ -146,6 +154,7 @@ def test_ten_thousand_random_and_mutated_messages_are_each_rejected_counted_and_
     socks = []
     for ident in (None, None, b"attacker", b"\x01\xff\x00", b"w" * 255, bytes(range(1, 40))):
         s = ctx.socket(zmq.DEALER)
+        curve_client(s)
         if ident is not None:
             s.setsockopt(zmq.ROUTING_ID, ident)
         s.setsockopt(zmq.LINGER, 0)
@@ -223,6 +232,7 @@ def test_an_async_shard_process_survives_a_push_claiming_the_last_u64_step(
     token = token_digest(SECRET)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
+    curve_client(sock)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(live["endpoint"])
     hello = Header(op=Op.HELLO, token=token, worker=0, step=60, aux=float(SIZE)).pack()
