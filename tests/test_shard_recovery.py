@@ -85,3 +85,18 @@ def test_without_checkpoints_a_lost_shard_fails_the_job(tmp_path: Path) -> None:
     lj = LocalJob(parse_job(doc), output=tmp_path, progress=False)
     with pytest.raises(LaunchError, match=r"shard 1 failed .*checkpoints do not survive"):
         run_with(lj, kill)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(10))
+def test_shard_kill_recovery_holds_over_ten_seeds(tmp_path: Path, run_job: Any, seed: int) -> None:
+    doc = job_doc(
+        f"seed{seed}",
+        parameterServers={"shards": 2},
+        workers={"replicas": 2},
+        training={"maxSteps": 200, "seed": seed},
+        checkpoint={"every": EVERY},
+    )
+    clean, _ = run_job(doc, subdir="clean")
+    summary = kill_shard_run(tmp_path / "killed", doc, shard=seed % 2, at=40 + 7 * seed)
+    assert summary["finalAccuracy"] >= clean["finalAccuracy"] - 0.01
