@@ -82,7 +82,7 @@ def live(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, A
         ready = json.loads((tmp_path / "ready.json").read_text())
         yield {
             "endpoint": ready["endpoint"],
-            "status": f"http://127.0.0.1:{ready['statusPort']}/status",
+            "status": f"http://127.0.0.1:{ready['statusPort']}/status?checksum=1",
             "proc": proc,
             "spec": job.spec,
             "onebit": request.param == "1-bit",

@@ -165,7 +165,8 @@ def test_onebit_sends_at_most_a_28th_of_fp32_bytes_per_step(run_job: Any) -> Non
     "training",
     [
         {"backupWorkers": 1},
-        {"mode": "async", "staleness": "zhang"},
+        # Downlink 1-bit noise plus momentum 0.9 degrades async training (~0.65); 0.5 holds.
+        {"mode": "async", "staleness": "zhang", "momentum": 0.5},
         # Momentum 0.9 plus Downpour's local steps, staleness and 1-bit noise in both
         # directions overshoots on digits (~0.6-0.75); Downpour as published used no momentum.
         {"mode": "downpour", "fetchEvery": 2, "pushEvery": 2, "momentum": 0.0, "lr": 0.1},

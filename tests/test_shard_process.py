@@ -66,7 +66,7 @@ def live_shard(tmp_path: Path) -> Iterator[dict[str, Any]]:
         ready = json.loads((tmp_path / "ready.json").read_text())
         yield {
             "endpoint": ready["endpoint"],
-            "status": f"http://127.0.0.1:{ready['statusPort']}/status",
+            "status": f"http://127.0.0.1:{ready['statusPort']}/status?checksum=1",
         }
     finally:
         proc.kill()

@@ -1,4 +1,8 @@
-"""The coordinator's HTTP endpoint: GET /status (JSON), /metrics (Prometheus), /healthz."""
+"""The coordinator's HTTP endpoint: GET /status (JSON), /metrics (Prometheus), /healthz.
+
+``/status?checksum=1`` adds ``paramsChecksum`` (CRC-32 of the shard's parameters), which costs
+a pass over the slice and is therefore not computed for the executors' regular polls.
+"""
 
 from __future__ import annotations
 
@@ -12,19 +16,19 @@ from sgdjob.stats import prometheus_text
 
 
 def serve_status(
-    bind: str, *, status: Callable[[], dict[str, Any]], job: str
+    bind: str, *, status: Callable[[bool], dict[str, Any]], job: str
 ) -> tuple[ThreadingHTTPServer, int]:
     """Start a daemon HTTP server on ``host:port`` (port 0 picks one); returns it and the port."""
     host, _, port = bind.rpartition(":")
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            path = self.path.split("?", 1)[0]
+            path, _, query = self.path.partition("?")
             if path == "/status":
-                body = json.dumps(status()).encode()
+                body = json.dumps(status("checksum=1" in query.split("&"))).encode()
                 ctype = "application/json"
             elif path == "/metrics":
-                body = prometheus_text(status(), job=job).encode()
+                body = prometheus_text(status(False), job=job).encode()
                 ctype = "text/plain; version=0.0.4"
             elif path == "/healthz":
                 body, ctype = b"ok\n", "text/plain"

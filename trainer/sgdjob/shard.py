@@ -125,6 +125,7 @@ class Shard:
         self.server_to_worker = self.onebit and comp.server_to_worker
         self.mirrors: dict[int, ParameterMirror] = {}  # worker -> what it holds (serverToWorker)
         self.greeted: set[int] = set()  # workers that said hello to this process
+        self.last_pull_seq: dict[int, int] = {}
         self.restored_from: int | None = None  # version of the checkpoint this process loaded
         stats.incarnation = incarnation
 
@@ -174,9 +175,10 @@ class Shard:
             self.stats.restored_from = state.version
 
     def checksum(self) -> int:
+        """CRC-32 of the parameters, read in place (no copy of the slice)."""
         import zlib
 
-        return zlib.crc32(self.params.tobytes())
+        return zlib.crc32(self.params.data)
 
     # -- dispatch ------------------------------------------------------------------------
     def handle(self, msg: Incoming) -> None:
@@ -405,9 +407,9 @@ class Shard:
             self.done.add(h.worker)  # "give me the final parameters" is the last request
         # A worker re-sends a pull that went unanswered for a while (the reply or the request
         # may have died with a previous shard process); keep only its newest request.
-        resent = any(p.worker == h.worker for p in self.pulls)
         self.pulls = [p for p in self.pulls if p.worker != h.worker]
-        if not resent:
+        if self.last_pull_seq.get(h.worker) != h.step:  # a re-sent request is not a new pull
+            self.last_pull_seq[h.worker] = h.step
             self.stats.record_pull(h.worker)
         self.pulls.append(PendingPull(identity, h.worker, h.version, final, h.step))
         self._serve_pulls()

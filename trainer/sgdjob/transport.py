@@ -130,7 +130,8 @@ class Endpoint:
             frames.insert(0, identity)
         tracker = self.sock.send_multipart(frames, copy=False, track=track)
         self.counters.messages_sent += 1
-        self.counters.bytes_sent += HEADER_SIZE + sum(len(p) for p in payload)
+        # nbytes, not len(): a 2-D view (1-bit scales) has len() == rows.
+        self.counters.bytes_sent += HEADER_SIZE + sum(memoryview(p).nbytes for p in payload)
         return tracker if track else None
 
     def recv(self) -> Incoming | None:
