@@ -43,6 +43,7 @@ loopback part still runs. Namespaces and every process started are removed on th
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -57,8 +58,9 @@ from sgdjob.compression import wire_nbytes
 from sgdjob.protocol import HEADER_SIZE
 
 HIDDEN, LAYERS, WORKERS, BUCKET = 1024, 10, 2, 512
+FP32, DDP = "sgdjob fp32", "torch DDP (gloo)"
 VARIANTS: dict[str, dict[str, Any]] = {
-    "sgdjob fp32": {"kind": "none"},
+    FP32: {"kind": "none"},
     "sgdjob onebit": {"kind": "onebit", "bucketSize": BUCKET, "errorFeedback": True},
     "sgdjob onebit + serverToWorker": {
         "kind": "onebit",
@@ -72,6 +74,7 @@ HEADERS = [
     "system",
     "step ms",
     "samples/s",
+    "min-max",
     "x sgdjob fp32",
     "x DDP",
     "sent MB/step/worker",
@@ -87,7 +90,7 @@ def steps_for(link: str, args: argparse.Namespace) -> int:
 
 
 def sgdjob_row(
-    name: str, link: str, veth: VethLink | None, steps: int, args: argparse.Namespace, out: Path
+    name: str, veth: VethLink | None, steps: int, args: argparse.Namespace, out: Path
 ) -> dict[str, Any]:
     spec = mlp_workload(
         hidden=HIDDEN,
@@ -132,40 +135,63 @@ def ddp_row(veth: VethLink | None, steps: int, args: argparse.Namespace) -> dict
     return {"samples_per_s": r["samples_per_s"], "step_ms": r["step_ms"]}
 
 
+def link_floor(rate: str, n: int) -> str:
+    """The least time per step the link itself allows each system, from the bytes it carries."""
+    fp32, onebit = 4 * n, wire_nbytes(n, BUCKET)
+    seconds = {
+        # sync: both workers push through the link, then both pull back: no overlap.
+        FP32: 2 * WORKERS * fp32,
+        "onebit": WORKERS * (onebit + fp32),
+        "onebit + serverToWorker": 2 * WORKERS * onebit,
+        # 2-rank ring all-reduce: one rank's 4n bytes each way at once, overlapped with backward.
+        "DDP": fp32,
+    }
+    bps = rate_bits_per_s(rate)
+    floors = ", ".join(f"{k} {1e3 * 8 * b / bps:.0f}" for k, b in seconds.items())
+    return f"At {rate} the link alone needs at least (ms per step): {floors}."
+
+
 def measure_link(
     link: str, veth: VethLink | None, args: argparse.Namespace, tmp: Path, notes: list[str]
 ) -> list[list[object]]:
+    """``args.rounds`` interleaved rounds of every system on one link; one row per system."""
     steps = steps_for(link, args)
-    results: dict[str, dict[str, Any] | None] = {}
-    for name in [*VARIANTS, "torch DDP (gloo)"]:
-        try:
-            if name in VARIANTS:
-                out = tmp / f"{link}-{name.replace(' ', '_').replace('+', '')}"
-                results[name] = sgdjob_row(name, link, veth, steps, args, out)
-            else:
-                results[name] = ddp_row(veth, steps, args)
-        except (SplitJobError, RuntimeError) as exc:  # one failed run must not hide the rest
-            results[name] = None
-            notes.append(f"{link}, {name}: failed: {str(exc)[:300]}")
-        print(f"{link:>12} {name:<32} {results[name]}", flush=True)
-    fp32, ddp = results["sgdjob fp32"], results["torch DDP (gloo)"]
+    names = [*VARIANTS, DDP]
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    for r in range(args.rounds):
+        for name in names:
+            try:
+                if name == DDP:
+                    runs[name].append(ddp_row(veth, steps, args))
+                else:
+                    out = tmp / f"{link}-r{r}-{names.index(name)}"
+                    runs[name].append(sgdjob_row(name, veth, steps, args, out))
+                print(f"{link:>9} round {r} {name:<32} {runs[name][-1]}", flush=True)
+            except (SplitJobError, RuntimeError) as exc:  # a failed run must not hide the rest
+                notes.append(f"{link}, round {r}, {name}: failed: {str(exc)[:300]}")
+    med = {n: statistics.median(x["samples_per_s"] for x in runs[n]) for n in names if runs[n]}
     rows: list[list[object]] = []
-    for name, r in results.items():
-        if r is None:
-            rows.append([link, name, "failed", "", "", "", "", ""])
+    for name in names:
+        if not runs[name]:
+            rows.append([link, name, "failed", "", "", "", "", "", ""])
             continue
-        sps = float(r["samples_per_s"])
-        is_ddp = name not in VARIANTS
+        sps = [float(x["samples_per_s"]) for x in runs[name]]
+        is_ddp = name == DDP
+
+        def mb(key: str, name: str = name) -> float:
+            return statistics.median(float(x[key]) for x in runs[name]) / 1e6
+
         rows.append(
             [
                 f"{link} ({args.warmup}+{steps} steps)",
                 name,
-                f"{float(r['step_ms']):.0f}",
-                f"{sps:.0f}",
-                "" if fp32 is None or is_ddp else f"{sps / fp32['samples_per_s']:.2f}",
-                "" if ddp is None else f"{sps / ddp['samples_per_s']:.2f}",
-                "" if is_ddp else f"{r['sent'] / 1e6:.2f}",
-                "" if is_ddp else f"{r['received'] / 1e6:.2f}",
+                f"{statistics.median(float(x['step_ms']) for x in runs[name]):.0f}",
+                f"{med[name]:.0f}",
+                f"{min(sps):.0f}-{max(sps):.0f}",
+                "" if is_ddp or FP32 not in med else f"{med[name] / med[FP32]:.2f}",
+                "" if DDP not in med else f"{med[name] / med[DDP]:.2f}",
+                "" if is_ddp else f"{mb('sent'):.2f}",
+                "" if is_ddp else f"{mb('received'):.2f}",
             ]
         )
     return rows
@@ -174,8 +200,9 @@ def measure_link(
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rates", nargs="*", default=["10gbit", "1gbit"])
-    parser.add_argument("--steps", type=int, default=15, help="timed steps on loopback/10gbit")
-    parser.add_argument("--slow-steps", type=int, default=6, help="timed steps below 10gbit")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds per link")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps on loopback/10gbit")
+    parser.add_argument("--slow-steps", type=int, default=4, help="timed steps below 10gbit")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch", type=int, default=32, help="per worker")
     args = parser.parse_args([] if argv is None else argv)
@@ -198,7 +225,8 @@ def main(argv: list[str] | None = None) -> str:
         f"{wire_nbytes(n, BUCKET) / 1e6:.2f} MB as 1-bit at bucket {BUCKET}), "
         f"{WORKERS} workers, batch {args.batch} per worker, sync, 1 shard, plain SGD, CPU, "
         "torch threads 1 per process. *samples/s*, *step ms*: the timed steps after the "
-        "warm-up in every row (start-up excluded alike). *x sgdjob fp32*, *x DDP*: samples/s "
+        f"warm-up in every row (start-up excluded alike), median of {args.rounds} interleaved "
+        "rounds (*min-max*: samples/s over the rounds). *x sgdjob fp32*, *x DDP*: samples/s "
         "over that row's on the same link. *sent MB/step/worker*: the shard's received-bytes "
         "counter over workers x steps (headers, hello and reports included); *received*: "
         "worker 1's received-bytes counter less its first pull (the full fp32 vector every "
@@ -209,6 +237,8 @@ def main(argv: list[str] | None = None) -> str:
         "given rate in each direction; DDP rank 0 and rank 1 on either side. The shard side "
         "carries both workers' traffic (2 x the per-worker column), DDP's link one rank's."
     )
+    for rate in args.rates:
+        body += f"\n\n{link_floor(rate, n)}"
     for note in notes:
         body += f"\n\n{note}"
     title = "bench/compression end to end: sync fp32 vs 1-bit vs torch DDP, loopback and veth"
