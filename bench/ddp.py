@@ -66,8 +66,9 @@ def run_ddp(
     port: int,
     netns: list[str | None] | None = None,
     timeout_s: float = 300.0,
+    warmup: int = 1,
 ) -> dict[str, object]:
-    """Train for ``steps`` steps (after one untimed warm-up step); return rank 0's numbers.
+    """Train for ``steps`` timed steps after ``warmup`` untimed ones; return rank 0's numbers.
 
     ``netns[r]`` is the namespace rank ``r`` runs in (None: the caller's). ``master_addr`` must
     be reachable from every rank (127.0.0.1 on loopback, the rank-0 end of the veth otherwise).
@@ -88,7 +89,7 @@ def run_ddp(
             env["OMP_NUM_THREADS"] = "1"
             argv = [sys.executable, "-m", "bench.ddp", "--rank", str(rank)]
             argv += ["--workers", str(workers), "--hidden", str(hidden), "--layers", str(layers)]
-            argv += ["--batch", str(batch), "--steps", str(steps)]
+            argv += ["--batch", str(batch), "--steps", str(steps), "--warmup", str(warmup)]
             argv += ["--master-addr", master_addr, "--port", str(port)]
             procs.append(
                 subprocess.Popen(
@@ -154,7 +155,8 @@ def _rank_main(args: argparse.Namespace) -> None:
             loss_fn(model(x), y).backward()  # DDP all-reduces the gradients here
             opt.step()
 
-        step()  # warm-up: buckets, connections, allocator
+        for _ in range(args.warmup):
+            step()  # warm-up: buckets, connections, allocator
         dist.barrier()
         t0 = time.perf_counter()
         for _ in range(args.steps):
@@ -168,6 +170,7 @@ def _rank_main(args: argparse.Namespace) -> None:
                 "params": n,
                 "batch": args.batch,
                 "steps": args.steps,
+                "warmup": args.warmup,
                 "seconds": seconds,
                 "samples_per_s": args.workers * args.batch * args.steps / seconds,
                 "step_ms": 1e3 * seconds / args.steps,
@@ -230,6 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=10)  # ~10.5 M parameters
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--master-addr", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=29500)
     parser.add_argument("--rates", nargs="*", default=["1gbit", "10gbit"])

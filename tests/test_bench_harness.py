@@ -1,14 +1,22 @@
-"""Tests for the benchmark harness: the DDP baseline launcher and the shaped veth namespaces."""
+"""Tests for the benchmark harness: the DDP baseline, the shaped veth namespaces, split jobs."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from bench.common import job, mlp_workload, steady_rate
 from bench.ddp import free_port, mlp_params, run_ddp
 from bench.netns import NetnsUnavailable, in_netns, rate_bits_per_s, veth_link
+from bench.splitjob import SplitJobError, run_split_job
+
+from sgdjob.api.validation import parse_job
+from sgdjob.data import dataset_dims
+from sgdjob.models import build_model, parameter_count
 
 
 def test_ddp_trains_two_ranks_on_loopback_and_reports_samples_per_second() -> None:
@@ -103,3 +111,68 @@ def test_the_namespaces_talk_across_the_veth_at_no_more_than_the_shaped_rate() -
     assert nbytes * 8 / seconds < 1.3 * 100e6, f"{nbytes * 8 / seconds / 1e6:.0f} Mbit/s"
     ns_after = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert link.ns[0] not in ns_after and link.ns[1] not in ns_after
+
+
+def _tiny_job(steps: int) -> dict[str, object]:
+    spec = mlp_workload(hidden=16, layers=2, batch=8, steps=steps, workers=2, shards=1)
+    return job("harness", spec)
+
+
+def test_the_workload_is_the_ddp_model_and_the_steady_window_skips_the_warm_up(
+    tmp_path: Path,
+) -> None:
+    spec = parse_job(_tiny_job(5)).spec
+    dims = dataset_dims(spec.data, seed=0)
+    model = build_model(spec.model, input_dim=dims[0], num_classes=dims[1], seed=0)
+    assert parameter_count(model) == mlp_params(16, 2)
+    lines = [
+        {"kind": "train", "version": 0, "time": 1.0},
+        {"kind": "eval", "version": 1, "time": 1.5},
+        {"kind": "train", "version": 2, "time": 2.0},
+        {"kind": "train", "version": 3, "time": 3.0},
+        {"kind": "train", "version": 3, "time": 3.5},  # repeated version: first time counts
+        {"kind": "train", "version": 6, "time": 5.0},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    rate = steady_rate(tmp_path, warmup=3, workers=2, batch=8)
+    assert (rate.first, rate.last, rate.seconds) == (3, 6, 2.0)
+    assert rate.samples_per_s == 2 * 8 * 3 / 2.0 and rate.step_ms == 2000 / 3
+    with pytest.raises(RuntimeError, match="past warm-up"):
+        steady_rate(tmp_path, warmup=7, workers=2, batch=8)
+
+
+def test_a_split_job_on_loopback_trains_to_the_end_and_leaves_no_process(tmp_path: Path) -> None:
+    summary = run_split_job(_tiny_job(6), tmp_path, timeout_s=120)
+    assert summary["version"] == 6 and summary["samples"] == 2 * 6 * 8
+    assert steady_rate(tmp_path, warmup=2, workers=2, batch=8).last == 6
+    assert (tmp_path / "model.pt").exists()
+    with pytest.raises(ChildProcessError):
+        os.waitpid(-1, os.WNOHANG)
+
+
+def test_a_split_job_whose_shard_dies_fails_naming_it_and_kills_the_rest(tmp_path: Path) -> None:
+    doc = _tiny_job(10**6)
+    with pytest.raises(SplitJobError, match="ps-0 exited"):
+        # Binding an address this host does not have makes the shard exit before it is ready.
+        run_split_job(doc, tmp_path, shard_host="192.0.2.1", timeout_s=60)
+    with pytest.raises(ChildProcessError):
+        os.waitpid(-1, os.WNOHANG)
+
+
+@pytest.mark.netns
+def test_a_split_job_trains_across_the_namespaces(tmp_path: Path) -> None:
+    try:
+        with veth_link("1gbit") as link:
+            summary = run_split_job(
+                _tiny_job(4),
+                tmp_path,
+                shard_ns=link.ns[0],
+                worker_ns=link.ns[1],
+                shard_host=link.addrs[0],
+                timeout_s=120,
+            )
+    except NetnsUnavailable as exc:
+        pytest.skip(f"skipped: {exc}")
+    assert summary["version"] == 4
+    ready = json.loads((tmp_path / ".sgdjob" / "ready-0.json").read_text())
+    assert ready["endpoint"].startswith(f"tcp://{link.addrs[0]}:")
