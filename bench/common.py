@@ -117,10 +117,14 @@ def shard_process(
     token: str = "bench",
     netns: str | None = None,
     bind_host: str = "127.0.0.1",
+    keys: Any = None,
 ) -> Iterator[str]:
-    """One shard (index 0 of a 1-shard job) in its own process; yields its endpoint."""
+    """One shard (index 0 of a 1-shard job) in its own process; yields its endpoint.
+
+    ``keys`` (a ``sgdjob.curvekeys.JobKeys``) is required when the spec keeps CURVE on.
+    """
     from sgdjob.api.validation import parse_job, spec_to_json
-    from sgdjob.contract import ProcessContract
+    from sgdjob.contract import ProcessContract, with_curve
 
     spec = parse_job(doc).spec
     workdir.mkdir(parents=True, exist_ok=True)
@@ -137,6 +141,8 @@ def shard_process(
         bind=f"tcp://{bind_host}:0",
         ready_file=str(ready),
     )
+    if keys is not None:
+        c = with_curve(c, keys.__dict__)
     cmd = [sys.executable, "-m", "sgdjob", "trainer"]
     if netns:
         cmd = ["ip", "netns", "exec", netns, *cmd]

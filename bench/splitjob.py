@@ -67,7 +67,8 @@ def run_split_job(
 ) -> dict[str, Any]:
     """Run the job to completion; returns shard 0's summary.json (raises SplitJobError)."""
     from sgdjob.api.validation import parse_job, spec_to_json
-    from sgdjob.contract import ProcessContract
+    from sgdjob.contract import ProcessContract, with_curve
+    from sgdjob.curvekeys import JobKeys
 
     job = parse_job(doc)
     spec = job.spec
@@ -80,9 +81,13 @@ def run_split_job(
     spec_path = state / "spec.json"
     spec_path.write_text(spec_to_json(spec), encoding="utf-8")
     token = secrets.token_hex(16)
+    # The same per-job CURVE keys `sgdjob run` would make (spec.security.curve, on by default).
+    keys = JobKeys.generate().__dict__ if spec.security.curve else None
     procs: list[tuple[str, subprocess.Popen[bytes], Path]] = []
 
     def start(name: str, ns: str | None, contract: ProcessContract) -> None:
+        if keys is not None:
+            contract = with_curve(contract, keys)
         log_path = logs / f"{name}.log"
         with log_path.open("wb") as logf:
             proc = subprocess.Popen(

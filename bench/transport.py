@@ -29,7 +29,7 @@ def hidden_for(mb: int) -> int:
     return max(1, round((mb * 1e6 / 4 - CLASSES) / (IN + 1 + CLASSES)))
 
 
-def spec_for(mb: int, rounds: int) -> dict[str, object]:
+def spec_for(mb: int, rounds: int, *, curve: bool) -> dict[str, object]:
     return job(
         f"transport-{mb}",
         {
@@ -37,18 +37,23 @@ def spec_for(mb: int, rounds: int) -> dict[str, object]:
             "data": {"builtin": "teacher", "teacher": {"inputDim": IN, "classes": CLASSES}},
             "training": {"maxSteps": rounds + 1, "momentum": 0.0, "lr": 1e-6},
             "workers": {"replicas": 1},
+            "security": {"curve": curve},
+            "checkpoint": {"every": None},
         },
     )
 
 
-def sgdjob_rounds(mb: int, rounds: int, workdir: Path) -> float:
+def sgdjob_rounds(mb: int, rounds: int, workdir: Path, *, curve: bool) -> float:
     """GB/s of push+pull through sgdjob's protocol and a real shard process."""
     from sgdjob.client import ShardClient
+    from sgdjob.curvekeys import JobKeys
     from sgdjob.protocol import token_digest
+    from sgdjob.transport import CurveClient
 
-    doc = spec_for(mb, rounds)
+    doc = spec_for(mb, rounds, curve=curve)
     size = IN * hidden_for(mb) + hidden_for(mb) + hidden_for(mb) * CLASSES + CLASSES
-    with shard_process(doc, workdir) as endpoint:
+    keys = JobKeys.generate() if curve else None
+    with shard_process(doc, workdir, keys=keys) as endpoint:
         ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         client = ShardClient(
             ctx=ctx,
@@ -57,6 +62,13 @@ def sgdjob_rounds(mb: int, rounds: int, workdir: Path) -> float:
             worker=0,
             timeout_s=300,
             chunk_bytes=4 << 20,
+            curve=CurveClient(
+                server_public=keys.server_public,
+                public=keys.client_public,
+                secret=keys.client_secret,
+            )
+            if keys
+            else None,
         )
         client.hello(size, total_steps=rounds + 1)
         params = np.zeros(size, np.float32)
@@ -110,16 +122,27 @@ def main() -> str:
     with tempfile.TemporaryDirectory() as tmp:
         for mb in SIZES_MB:
             rounds = ROUNDS[mb]
-            ours = sgdjob_rounds(mb, rounds, Path(tmp) / str(mb))
+            plain = sgdjob_rounds(mb, rounds, Path(tmp) / f"{mb}-plain", curve=False)
+            curve = sgdjob_rounds(mb, rounds, Path(tmp) / f"{mb}-curve", curve=True)
             raw = raw_pyzmq(mb, rounds)
-            rows.append((f"{mb} MB", rounds, ours, raw, ours / raw))
+            rows.append((f"{mb} MB", rounds, plain, curve, raw, plain / raw, curve / raw))
     text = markdown_table(
-        ["vector", "rounds", "sgdjob push+pull GB/s", "raw PUSH/PULL GB/s", "ratio"], rows
+        [
+            "vector",
+            "rounds",
+            "sgdjob GB/s",
+            "sgdjob + CURVE GB/s",
+            "raw PUSH/PULL GB/s",
+            "ratio",
+            "ratio with CURVE",
+        ],
+        rows,
     )
     text += (
         "\n\nsgdjob's figure includes header validation, the finite check on every "
         "gradient, the shard's SGD update and the copy of received parameters into the "
-        "worker's buffer; raw pyzmq only moves bytes."
+        "worker's buffer; raw pyzmq only moves bytes. CURVE (on by default) adds "
+        "encryption and authentication of every byte."
     )
     write_result(
         "transport",
