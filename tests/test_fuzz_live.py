@@ -15,11 +15,7 @@ counted TRUNCATED by ``parse_header``.
 
 from __future__ import annotations
 
-import json
-import os
 import random
-import subprocess
-import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -32,16 +28,15 @@ import pytest
 import zmq
 
 from sgdjob.api.types import SGDJobSpec
-from sgdjob.api.validation import parse_job, spec_to_json
-from sgdjob.contract import ProcessContract, with_curve
+from sgdjob.api.validation import parse_job
 from sgdjob.protocol import DType, ErrorCode, Header, Op, parse_header, token_digest
 from sgdjob.shard import SILENT, Shard
 from sgdjob.slicing import partition
 from sgdjob.stats import ShardStats
 from tests.conftest import job_doc
 from tests.fuzzing import BUCKET, Wire, checks_for, random_change
+from tests.live_shard import curve_client, shard_process, status
 from tests.test_fuzz_shard import Rig
-from tests.test_shard_process import KEYS, status
 
 SECRET = "t"  # the token of tests.test_shard, which the message builders use
 SIZE = 64 * 32 + 32 + 32 * 10 + 10  # the digits MLP with one hidden layer of 32
@@ -56,48 +51,14 @@ JOBS = {
 @pytest.fixture(params=sorted(JOBS))
 def live(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, Any]]:
     job = parse_job(job_doc("fuzz", **JOBS[request.param]))
-    spec_path = tmp_path / "spec.json"
-    spec_path.write_text(spec_to_json(job.spec))
-    c = ProcessContract(
-        role="ps",
-        index=0,
-        job_name="fuzz",
-        spec_path=str(spec_path),
-        token=SECRET,
-        output_dir=str(tmp_path),
-        bind="tcp://127.0.0.1:0",
-        status_bind="127.0.0.1:0",
-        ready_file=str(tmp_path / "ready.json"),
-    )
-    c = with_curve(c, KEYS.__dict__)  # the attackers below hold the job's keys: insiders
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sgdjob", "trainer"], env={**os.environ, **c.to_env()}
-    )
-    try:
-        for _ in range(600):
-            if (tmp_path / "ready.json").exists():
-                break
-            assert proc.poll() is None, "shard died during start-up"
-            time.sleep(0.05)
-        ready = json.loads((tmp_path / "ready.json").read_text())
+    # The attackers below hold the job's CURVE keys: insiders whose frames reach the checks.
+    with shard_process(job.spec, tmp_path, token=SECRET) as live:
         yield {
-            "endpoint": ready["endpoint"],
-            "status": f"http://127.0.0.1:{ready['statusPort']}/status?checksum=1",
-            "proc": proc,
+            **live,
             "spec": job.spec,
             "onebit": request.param == "1-bit",
             "async": "async" in request.param,
         }
-    finally:
-        proc.kill()
-        proc.wait()
-
-
-def curve_client(sock: zmq.Socket) -> None:  # type: ignore[type-arg]
-    """Give a socket the job's client keys, so its frames reach the shard's own checks."""
-    sock.curve_serverkey = KEYS.server_public.encode()
-    sock.curve_publickey = KEYS.client_public.encode()
-    sock.curve_secretkey = KEYS.client_secret.encode()
 
 
 def twin(spec: SGDJobSpec) -> Shard:

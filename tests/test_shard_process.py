@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,13 +11,11 @@ import numpy as np
 import pytest
 import zmq
 
-from sgdjob.api.validation import parse_job, spec_to_json
-from sgdjob.contract import ProcessContract, with_curve
+from sgdjob.api.validation import parse_job
 from sgdjob.curvekeys import JobKeys
 from sgdjob.protocol import HEADER_SIZE, DType, Header, Op, parse_header, token_digest
 from tests.conftest import job_doc
-
-KEYS = JobKeys.generate()
+from tests.live_shard import KEYS, curve_client, shard_process, status
 
 
 def dealer(ctx: zmq.Context, endpoint: str, keys: JobKeys | None = KEYS) -> zmq.Socket:  # type: ignore[type-arg]
@@ -30,52 +23,15 @@ def dealer(ctx: zmq.Context, endpoint: str, keys: JobKeys | None = KEYS) -> zmq.
     sock = ctx.socket(zmq.DEALER)
     sock.linger = 0
     if keys is not None:
-        sock.curve_serverkey = keys.server_public.encode()
-        sock.curve_publickey = keys.client_public.encode()
-        sock.curve_secretkey = keys.client_secret.encode()
+        curve_client(sock, keys)
     sock.connect(endpoint)
     return sock
 
 
 @pytest.fixture
 def live_shard(tmp_path: Path) -> Iterator[dict[str, Any]]:
-    job = parse_job(job_doc("attack"))
-    spec_path = tmp_path / "spec.json"
-    spec_path.write_text(spec_to_json(job.spec))
-    c = ProcessContract(
-        role="ps",
-        index=0,
-        job_name="attack",
-        spec_path=str(spec_path),
-        token="secret",
-        output_dir=str(tmp_path),
-        bind="tcp://127.0.0.1:0",
-        status_bind="127.0.0.1:0",
-        ready_file=str(tmp_path / "ready.json"),
-    )
-    c = with_curve(c, KEYS.__dict__)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sgdjob", "trainer"], env={**os.environ, **c.to_env()}
-    )
-    try:
-        for _ in range(600):
-            if (tmp_path / "ready.json").exists():
-                break
-            assert proc.poll() is None, "shard died during start-up"
-            time.sleep(0.05)
-        ready = json.loads((tmp_path / "ready.json").read_text())
-        yield {
-            "endpoint": ready["endpoint"],
-            "status": f"http://127.0.0.1:{ready['statusPort']}/status?checksum=1",
-        }
-    finally:
-        proc.kill()
-        proc.wait()
-
-
-def status(url: str) -> dict[str, Any]:
-    with urllib.request.urlopen(url, timeout=5) as r:
-        return dict(json.loads(r.read()))
+    with shard_process(parse_job(job_doc("attack")).spec, tmp_path, token="secret") as live:
+        yield live
 
 
 def test_malformed_and_foreign_frames_are_rejected_counted_and_change_nothing(

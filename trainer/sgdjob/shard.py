@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import zmq
@@ -439,22 +440,28 @@ class Shard:
         self.pulls = waiting
 
     def _send_params(self, p: PendingPull) -> None:
+        def header(**payload: Any) -> Header:
+            # Fields every PARAMS reply shares; the payload decides dtype, sizes and flags.
+            return Header(
+                op=Op.PARAMS,
+                token=self.token,
+                worker=p.worker,
+                shard=self.slice.shard,
+                incarnation=self.incarnation,
+                version=self.version,
+                step=p.seq,
+                offset=self.slice.offset,
+                count=self.slice.count,
+                **payload,
+            )
+
         flags = Flags.FINISHED if self.finished else Flags.NONE
         mirror = self.mirrors.get(p.worker)
         if self.server_to_worker and mirror is not None and not p.final:
             # The worker holds `mirror`: send the 1-bit update towards the parameters.
             enc = mirror.encode_update(self.params)
             self.send(
-                Header(
-                    op=Op.PARAMS,
-                    token=self.token,
-                    worker=p.worker,
-                    shard=self.slice.shard,
-                    incarnation=self.incarnation,
-                    version=self.version,
-                    step=p.seq,
-                    offset=self.slice.offset,
-                    count=self.slice.count,
+                header(
                     nbytes=enc.nbytes,
                     nframes=2,
                     dtype=DType.ONEBIT,
@@ -472,22 +479,8 @@ class Shard:
             else:
                 mirror.reset(self.params)
         frames: Sequence[memoryview] = vector_frames(self.params, self.chunk_bytes)
-        header = Header(
-            op=Op.PARAMS,
-            token=self.token,
-            worker=p.worker,
-            shard=self.slice.shard,
-            incarnation=self.incarnation,
-            version=self.version,
-            step=p.seq,
-            offset=self.slice.offset,
-            count=self.slice.count,
-            nbytes=self.params.nbytes,
-            nframes=len(frames),
-            dtype=DType.FLOAT32,
-            flags=flags,
-        )
-        tracker = self.send(header, frames, identity=p.identity, track=True)
+        h = header(nbytes=self.params.nbytes, nframes=len(frames), dtype=DType.FLOAT32, flags=flags)
+        tracker = self.send(h, frames, identity=p.identity, track=True)
         if tracker is not None:
             self.trackers.append(tracker)
 
