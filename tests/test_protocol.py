@@ -132,3 +132,12 @@ def test_random_header_sized_bytes_raise_only_protocol_errors(data: bytes) -> No
     fields[0], fields[1], fields[7] = b"SGDJ", 1, TOKEN
     with contextlib.suppress(ProtocolError):
         parse_header(HEADER.pack(*fields), token=TOKEN)
+
+
+def test_a_float32_payload_that_claims_compression_is_rejected() -> None:
+    from sgdjob.protocol import Compression
+
+    for h in (push(compression=Compression.ONEBIT), push(bucket_size=512)):
+        with pytest.raises(ProtocolError) as err:
+            check_float32_payload(h, [40])
+        assert err.value.code == ErrorCode.BAD_DTYPE

@@ -217,3 +217,9 @@ def test_a_worker_with_a_different_model_is_refused() -> None:
     shard, sent = make_shard()
     shard.handle(msg(Header(op=Op.HELLO, token=TOKEN, worker=0, step=3, aux=7.0)))
     assert parse_header(sent.messages[0][1].pack(), token=TOKEN).error == ErrorCode.BAD_SIZE
+
+
+def test_a_hello_with_a_fractional_parameter_count_is_refused() -> None:
+    shard, sent = make_shard()
+    shard.handle(msg(Header(op=Op.HELLO, token=TOKEN, worker=0, step=3, aux=6.5)))
+    assert parse_header(sent.messages[0][1].pack(), token=TOKEN).error == ErrorCode.BAD_SIZE

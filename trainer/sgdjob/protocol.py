@@ -257,6 +257,8 @@ def check_float32_payload(header: Header, frame_sizes: list[int]) -> None:
     check_frames(header, frame_sizes)
     if header.dtype != DType.FLOAT32:
         raise ProtocolError(ErrorCode.BAD_DTYPE, f"expected FLOAT32, got {header.dtype.name}")
+    if header.compression != Compression.NONE or header.bucket_size:
+        raise ProtocolError(ErrorCode.BAD_DTYPE, "a float32 payload carries no compression")
     if header.nbytes != header.count * 4:
         raise ProtocolError(
             ErrorCode.BAD_SIZE, f"{header.nbytes} bytes for {header.count} float32 elements"

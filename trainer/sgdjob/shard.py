@@ -235,10 +235,10 @@ class Shard:
     # -- ops -----------------------------------------------------------------------------
     def _hello(self, h: Header, identity: bytes, msg: Incoming) -> None:
         self._expect_no_payload(h, msg)
-        if int(h.aux) != self.total_size:
+        if h.aux != float(self.total_size):
             raise ProtocolError(
                 ErrorCode.BAD_SIZE,
-                f"worker model has {int(h.aux)} parameters, the job has {self.total_size}",
+                f"worker model has {h.aux:g} parameters, the job has {self.total_size}",
             )
         if self.total_steps is None:
             self.total_steps = h.step
