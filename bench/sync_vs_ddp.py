@@ -50,7 +50,12 @@ def number(x: object) -> float:
 
 
 def sgdjob_round(
-    shards: int, args: argparse.Namespace, out: Path, *, executor: bool = True
+    shards: int,
+    args: argparse.Namespace,
+    out: Path,
+    *,
+    executor: bool = True,
+    curve: bool = True,
 ) -> dict[str, float]:
     total = args.warmup + args.steps
     spec = mlp_workload(
@@ -61,6 +66,7 @@ def sgdjob_round(
         workers=WORKERS,
         shards=shards,
     )
+    spec["security"] = {"curve": curve}
     doc = job(f"sync-vs-ddp-{shards}", spec)
     t0 = time.perf_counter()
     summary = run_job(doc, out) if executor else run_split_job(doc, out)
@@ -107,6 +113,7 @@ def main(argv: list[str] | None = None) -> str:
     systems: dict[str, Callable[[Path], dict[str, float]]] = {
         "sgdjob sync, 1 shard": lambda out: sgdjob_round(1, args, out),
         "sgdjob sync, 2 shards": lambda out: sgdjob_round(2, args, out),
+        "sgdjob sync, 2 shards, CURVE off": lambda out: sgdjob_round(2, args, out, curve=False),
         "sgdjob sync, 1 shard, no executor": lambda out: sgdjob_round(1, args, out, executor=False),
         ddp: lambda out: ddp_round(args),
     }
@@ -158,10 +165,11 @@ def main(argv: list[str] | None = None) -> str:
         "shard 0's whole life (start-up, hello, warm-up, final evaluation and model write "
         "included), so it is lower. *wall s*: the whole call, process start to exit, in both."
         "\n\n*no executor*: the same job as bare `sgdjob trainer` processes (bench.splitjob, "
-        "the harness bench.compression uses), with nothing polling the coordinator; the "
-        "local executor polls /status 4 times a second and every /status computes "
-        "`zlib.crc32(params.tobytes())` over a copy of shard 0's slice (42 MB here). Rows "
-        "whose min-max ranges overlap are not distinguishable on this shared machine.\n"
+        "the harness bench.compression uses), with nothing polling the coordinator (the "
+        "local executor polls /status 4 times a second). Every sgdjob row runs with ZeroMQ "
+        "CURVE, the default, except *CURVE off*: encrypting 42 MB each way per worker per step "
+        "is the largest cost on loopback; DDP's gloo traffic is not encrypted. Rows whose "
+        "min-max ranges overlap are not distinguishable on this shared machine.\n"
     )
     write_result(
         "sync_vs_ddp",
