@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
 import time
 
@@ -19,7 +20,12 @@ def main(argv: list[str]) -> int:
         t0 = time.time()
         print(f"\n# bench/{name}\n", flush=True)
         try:
-            importlib.import_module(f"bench.{name}").main()
+            mod = importlib.import_module(f"bench.{name}")
+            if not hasattr(mod, "main"):  # a package whose entry point is its __main__
+                mod = importlib.import_module(f"bench.{name}.__main__")
+            # Benches that parse flags get none here (not `make bench`'s own argv).
+            takes_argv = "argv" in inspect.signature(mod.main).parameters
+            mod.main([]) if takes_argv else mod.main()
         except Exception as err:  # one broken bench must not hide the others' results
             failed.append(name)
             print(f"bench/{name} FAILED: {type(err).__name__}: {err}", flush=True)
