@@ -21,10 +21,13 @@ def test_a_straggler_is_outrun_by_one_backup_worker_and_its_gradients_dropped(
     summary, _ = run_job(doc)
     assert summary["version"] == 60
     slow = summary["workerStats"]["2"]
-    assert slow["pushes"] > 0
-    assert slow["droppedGradients"] >= 0.5 * slow["pushes"]
-    fast = [summary["workerStats"][str(i)]["droppedGradients"] for i in (0, 1)]
-    assert sum(fast) < slow["droppedGradients"]
+    # Chen et al.: the straggler's late gradients are dropped, so it shapes few steps. It
+    # may land one at start-up, when everybody is slow; steady state leaves it behind.
+    accepted = slow["pushes"] - slow["droppedGradients"]
+    assert slow["droppedGradients"] >= 1
+    assert accepted <= 0.25 * 60
+    fast = [summary["workerStats"][str(i)] for i in (0, 1)]
+    assert all(w["pushes"] - w["droppedGradients"] > accepted for w in fast)
     assert summary["finalAccuracy"] > 0.85
 
 

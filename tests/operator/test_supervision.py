@@ -124,6 +124,10 @@ async def test_a_failed_shard_with_checkpoints_on_a_claim_is_recreated_and_resto
             await start_all(cluster, 4)
             await cluster.set_phase("j-ps-0", "Failed", terminated={"exitCode": 137})
             await eventually(lambda: attempt(cluster, "j-ps-0") == "1", what="shard recreated")
+            # The kubelet runs the new pod; once it runs, the coordinator reports its restore.
+            await cluster.patch_pod(
+                "j-ps-0", {"spec": {"nodeName": "node-new"}, "status": {"phase": "Running"}}
+            )
             st = await eventually(
                 lambda: (
                     status(cluster).get("restarts") == 1
