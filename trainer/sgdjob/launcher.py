@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -59,9 +59,7 @@ class Replica:
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
     attempt: int = 0
-    started_at: float = 0.0
     exit_code: int | None = None
-    history: list[int] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -85,14 +83,11 @@ class Replica:
             start_new_session=True,  # Ctrl-C reaches the launcher only; it stops children
         )
         logf.close()
-        self.started_at = time.monotonic()
         self.exit_code = None
 
     def poll(self) -> int | None:
         if self.proc is not None and self.exit_code is None:
             self.exit_code = self.proc.poll()
-            if self.exit_code is not None:
-                self.history.append(self.exit_code)
         return self.exit_code
 
     def stop(self, sig: int = signal.SIGTERM) -> None:

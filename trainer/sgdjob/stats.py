@@ -34,7 +34,6 @@ class WorkerStats:
     pushes: int = 0
     pulls: int = 0
     hellos: int = 0
-    last_seen: float = 0.0
 
     def step_time(self) -> float | None:
         return statistics.median(self.step_times) if self.step_times else None
@@ -112,7 +111,6 @@ class ShardStats:
             w.bytes_sent = report.bytes_sent
             w.bytes_received = report.bytes_received
             w.samples += report.samples
-            w.last_seen = time.time()
             self.samples += report.samples
             if not math.isnan(report.eval_accuracy):
                 self.accuracy = report.eval_accuracy

@@ -32,12 +32,10 @@ DEFAULT_CHUNK_BYTES = 4 << 20
 
 @dataclass
 class Counters:
-    """Bytes and messages through one endpoint, per direction."""
+    """Bytes through one endpoint, per direction (headers included)."""
 
     bytes_sent: int = 0
     bytes_received: int = 0
-    messages_sent: int = 0
-    messages_received: int = 0
 
 
 @dataclass
@@ -129,7 +127,6 @@ class Endpoint:
                 raise ValueError("a ROUTER send needs the peer identity")
             frames.insert(0, identity)
         tracker = self.sock.send_multipart(frames, copy=False, track=track)
-        self.counters.messages_sent += 1
         # nbytes, not len(): a 2-D view (1-bit scales) has len() == rows.
         self.counters.bytes_sent += HEADER_SIZE + sum(memoryview(p).nbytes for p in payload)
         return tracker if track else None
@@ -137,7 +134,6 @@ class Endpoint:
     def recv(self) -> Incoming | None:
         """One message, or None for one too short to hold a header frame at all."""
         parts: list[zmq.Frame] = self.sock.recv_multipart(copy=False)
-        self.counters.messages_received += 1
         self.counters.bytes_received += sum(len(p.buffer) for p in parts)
         identity = None
         if self.router:
