@@ -33,6 +33,10 @@ CURVE_ENVS = (
     ENV_CURVE_CLIENT_SECRET,
 )
 ENV_ATTEMPT = "SGDJOB_ATTEMPT"  # optional: 0 for the first start of a replica, +1 per restart
+# The run this process belongs to: the SGDJob's uid on Kubernetes, a fresh id per `sgdjob run`
+# (or the resumed run's id with --resume). Checkpoints and outputs are keyed by it, so a new
+# run never restores another run's state.
+ENV_RUN_ID = "SGDJOB_RUN_ID"
 
 Role = Literal["ps", "worker"]
 ROLES: tuple[Role, ...] = ("ps", "worker")
@@ -57,6 +61,7 @@ class ProcessContract:
     status_bind: str = ""
     ready_file: str = ""
     attempt: int = 0
+    run_id: str = ""
     # Z85 CURVE keys; each role gets only what it needs (see curve_for_role).
     curve_server_public: str = ""
     curve_server_secret: str = ""
@@ -82,6 +87,7 @@ class ProcessContract:
             (ENV_BIND, self.bind),
             (ENV_STATUS_BIND, self.status_bind),
             (ENV_READY_FILE, self.ready_file),
+            (ENV_RUN_ID, self.run_id),
         ):
             if value:
                 env[key] = value
@@ -128,6 +134,7 @@ def from_env(env: Mapping[str, str] | None = None) -> ProcessContract:
         status_bind=env.get(ENV_STATUS_BIND, ""),
         ready_file=env.get(ENV_READY_FILE, ""),
         attempt=int(raw_attempt),
+        run_id=env.get(ENV_RUN_ID, ""),
         curve_server_public=env.get(ENV_CURVE_SERVER_PUBLIC, ""),
         curve_server_secret=env.get(ENV_CURVE_SERVER_SECRET, ""),
         curve_client_public=env.get(ENV_CURVE_CLIENT_PUBLIC, ""),
