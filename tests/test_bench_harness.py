@@ -15,7 +15,7 @@ from bench.netns import NetnsUnavailable, in_netns, rate_bits_per_s, veth_link
 from bench.splitjob import SplitJobError, run_split_job
 
 from sgdjob.api.validation import parse_job
-from sgdjob.data import dataset_dims
+from sgdjob.data import data_shapes
 from sgdjob.models import build_model, parameter_count
 
 
@@ -122,8 +122,10 @@ def test_the_workload_is_the_ddp_model_and_the_steady_window_skips_the_warm_up(
     tmp_path: Path,
 ) -> None:
     spec = parse_job(_tiny_job(5)).spec
-    dims = dataset_dims(spec.data, seed=0)
-    model = build_model(spec.model, input_dim=dims[0], num_classes=dims[1], seed=0)
+    dims = data_shapes(spec.data, seed=0)
+    model = build_model(
+        spec.model, input_shape=dims.input_shape, num_classes=dims.num_classes, seed=0
+    )
     assert parameter_count(model) == mlp_params(16, 2)
     lines = [
         {"kind": "train", "version": 0, "time": 1.0},

@@ -203,7 +203,7 @@ def report_problem(values: tuple[Any, ...]) -> ErrorCode | None:
     _, loss, step_time, _, _, _, acc, _, final = values
     if not (math.isfinite(loss) and math.isfinite(step_time) and step_time >= 0):
         return ErrorCode.NOT_FINITE
-    if not (math.isnan(acc) or 0.0 <= acc <= 1.0) or final > 1:
+    if not (math.isnan(acc) or (math.isfinite(acc) and acc >= 0.0)) or final > 1:
         return ErrorCode.BAD_PAYLOAD
     return None
 
@@ -239,7 +239,7 @@ def test_a_report_unpacks_to_exactly_its_bytes_or_is_rejected_for_the_documented
     assert want is None
     assert r.pack() == data
     assert math.isfinite(r.loss) and math.isfinite(r.step_time) and r.step_time >= 0
-    assert math.isnan(r.eval_accuracy) or 0 <= r.eval_accuracy <= 1
+    assert math.isnan(r.eval_metric) or 0 <= r.eval_metric <= 1
 
 
 # ----------------------------------------------------------------------------- payload checks

@@ -111,7 +111,7 @@ class Rig:
             32,
             1,
             2,
-            eval_accuracy=self.rng.choice([math.nan, self.rng.random()]),
+            eval_metric=self.rng.choice([math.nan, self.rng.random()]),
         )
         payload = r.pack()
         return self.header(Op.REPORT, nbytes=len(payload), nframes=1), [payload]
@@ -149,7 +149,7 @@ class Rig:
         pulls = [(p.identity, p.worker, p.min_version, p.final) for p in s.pulls]
         return (
             s.checksum(),
-            zlib.crc32(s.opt.buf.tobytes()),
+            zlib.crc32(s.opt.arrays["momentum"].tobytes()),
             s.version,
             s.total_steps,
             frozenset(s.done),
@@ -159,7 +159,7 @@ class Rig:
             sorted(s.mirrors),
             workers,
             s.stats.samples,
-            s.stats.accuracy,
+            s.stats.metric_value,
         )
 
     def deliver(self, wire: Wire, identity: bytes = b"fuzz") -> ErrorCode | None:

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from sgdjob.api.validation import parse_job
-from sgdjob.data import load_dataset, partition_for
+from sgdjob.data import load_data, partition_for, eval_batches
 from sgdjob.models import build_model
-from sgdjob.worker import evaluate
+from sgdjob.tasks import CLASSIFICATION, evaluate
 from tests.conftest import job_doc
 
 STEPS = 80
@@ -24,11 +24,13 @@ def single_process_accuracy(doc: dict[str, Any]) -> float:
     """Plain torch SGD on one process over exactly the union of the workers' batches."""
     spec = parse_job(doc).spec
     t = spec.training
-    ds = load_dataset(spec.data, seed=t.seed)
-    model = build_model(spec.model, input_dim=ds.input_dim, num_classes=ds.num_classes, seed=t.seed)
+    ds = load_data(spec.data, seed=t.seed)
+    model = build_model(
+        spec.model, input_shape=ds.input_shape, num_classes=ds.num_classes, seed=t.seed
+    )
     n = spec.workers.replicas
     parts = [
-        partition_for(ds.x_train.shape[0], workers=n, index=i, batch_size=t.batch_size, seed=t.seed)
+        partition_for(ds.n_train, workers=n, index=i, batch_size=t.batch_size, seed=t.seed)
         for i in range(n)
     ]
     opt = torch.optim.SGD(
@@ -37,9 +39,11 @@ def single_process_accuracy(doc: dict[str, Any]) -> float:
     for step in range(t.max_steps or 0):
         idx = torch.from_numpy(np.concatenate([p.batch(step) for p in parts]))
         opt.zero_grad()
-        nn.functional.cross_entropy(model(ds.x_train[idx]), ds.y_train[idx]).backward()
+        x, y = ds.train.take(idx)
+        nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
-    return evaluate(model, ds.x_test, ds.y_test).accuracy
+    batches = eval_batches(ds.test, limit=None, batch=512)
+    return evaluate(model, CLASSIFICATION, batches, device=torch.device("cpu")).metric
 
 
 @pytest.mark.parametrize("shards", [1, 2, 3])

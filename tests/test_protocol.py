@@ -105,7 +105,7 @@ def test_a_report_round_trips_and_rejects_nonsense() -> None:
         samples=32,
         bytes_sent=10,
         bytes_received=20,
-        eval_accuracy=0.9,
+        eval_metric=0.9,
         eval_loss=0.3,
         final=True,
     )
@@ -116,7 +116,10 @@ def test_a_report_round_trips_and_rejects_nonsense() -> None:
     with pytest.raises(ProtocolError):
         Report.unpack(bad.pack())
     with pytest.raises(ProtocolError):
-        Report.unpack(Report(1, 0.1, 0.1, 1, 0, 0, eval_accuracy=1.5).pack())
+        Report.unpack(Report(1, 0.1, 0.1, 1, 0, 0, eval_metric=-0.5).pack())
+    with pytest.raises(ProtocolError):
+        Report.unpack(Report(1, 0.1, 0.1, 1, 0, 0, eval_metric=math.inf).pack())
+    assert Report.unpack(Report(1, 0.1, 0.1, 1, 0, 0, eval_metric=2.5).pack()).eval_metric == 2.5
 
 
 @given(st.binary(max_size=2 * HEADER_SIZE))

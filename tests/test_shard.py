@@ -201,7 +201,7 @@ def test_a_report_reaches_the_coordinator_stats() -> None:
         samples=32,
         bytes_sent=1,
         bytes_received=2,
-        eval_accuracy=0.75,
+        eval_metric=0.75,
     )
     shard.handle(
         msg(

@@ -26,6 +26,8 @@ class CoordinatorReport:
     total_steps: int | None = None
     loss: float | None = None
     accuracy: float | None = None
+    metric: str | None = None  # the task's held-out metric by name (accuracy, rmse, ...)
+    metric_value: float | None = None
     samples_per_second: float | None = None
     finished: bool = False
     step_times: Mapping[int, float | None] = field(default_factory=dict)
@@ -46,6 +48,13 @@ def _int(value: Any) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int):
         return None
     return value if value >= 0 else None
+
+
+def _name(value: Any) -> str | None:
+    """A metric name as the coordinator sends it: a short identifier, else nothing."""
+    if isinstance(value, str) and 0 < len(value) <= 64 and value.isidentifier():
+        return value
+    return None
 
 
 def parse_coordinator(doc: Any) -> CoordinatorReport | None:
@@ -72,6 +81,8 @@ def parse_coordinator(doc: Any) -> CoordinatorReport | None:
         total_steps=_int(doc.get("totalSteps")),
         loss=_num(doc.get("loss")),
         accuracy=_num(doc.get("accuracy")),
+        metric=_name(doc.get("metric")),
+        metric_value=_num(doc.get("metricValue")),
         samples_per_second=_num(doc.get("samplesPerSecond")),
         finished=doc.get("finished") is True,
         step_times=times,
@@ -129,6 +140,8 @@ def _progress_fields(report: CoordinatorReport | None) -> dict[str, Any]:
         "total_steps": report.total_steps,
         "loss": report.loss,
         "accuracy": report.accuracy,
+        "metric": report.metric,
+        "metric_value": report.metric_value,
         "samples_per_second": report.samples_per_second,
         **({"restored_version": report.restored_from} if report.restored_from is not None else {}),
     }

@@ -27,6 +27,7 @@ from sgdjob.api.types import SGDJob, SupervisionStatus
 from sgdjob.api.validation import spec_to_json
 from sgdjob.contract import ProcessContract, Role, with_curve
 from sgdjob.curvekeys import JobKeys
+from sgdjob.gpus import GPUError, assign_gpus, visible_gpus
 from sgdjob.policy import (
     Create,
     Delete,
@@ -60,6 +61,8 @@ class Replica:
     proc: subprocess.Popen[bytes] | None = None
     attempt: int = 0
     exit_code: int | None = None
+    # CUDA_VISIBLE_DEVICES: the worker's own GPU, or "" (shards and CPU workers see none).
+    gpus: str = ""
 
     @property
     def name(self) -> str:
@@ -72,6 +75,7 @@ class Replica:
         env.setdefault("OMP_NUM_THREADS", "1")
         env.setdefault("MKL_NUM_THREADS", "1")
         env["PYTHONUNBUFFERED"] = "1"
+        env["CUDA_VISIBLE_DEVICES"] = self.gpus
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         logf: IO[bytes] = self.log_path.open("ab")
         self.proc = subprocess.Popen(
@@ -151,6 +155,15 @@ class LocalJob:
 
     # -- start ---------------------------------------------------------------------------
     def start(self) -> None:
+        n = self.spec.workers.replicas + self.spec.training.backup_workers
+        try:  # before any process starts: a machine short of GPUs runs nothing
+            gpus = assign_gpus(
+                workers=n,
+                gpus_per_worker=self.spec.workers.gpus,
+                available=visible_gpus() if self.spec.workers.gpus else [],
+            )
+        except GPUError as err:
+            raise LaunchError(f"spec.workers.gpus: {err}") from None
         self.state_dir.mkdir(parents=True, exist_ok=True)
         for stale in self.state_dir.glob("ready-*.json"):
             stale.unlink()
@@ -173,10 +186,13 @@ class LocalJob:
             r.contract = replace(r.contract, bind=addr)
         status_host_port = self.status_url.removeprefix("http://").removesuffix("/status")
         self.shards[0].contract = replace(self.shards[0].contract, status_bind=status_host_port)
-        n = self.spec.workers.replicas + self.spec.training.backup_workers
         for i in range(n):
             w = Replica(
-                "worker", i, self.contract("worker", i, tuple(addrs)), logs / f"worker-{i}.log"
+                "worker",
+                i,
+                self.contract("worker", i, tuple(addrs)),
+                logs / f"worker-{i}.log",
+                gpus=gpus[i] or "",
             )
             w.start()
             self.workers.append(w)
@@ -347,8 +363,8 @@ def progress_line(s: dict[str, Any]) -> str:
     parts = [f"[{'#' * int(frac * 20):<20}] step {done}/{total}", f"version {s.get('step', 0)}"]
     if s.get("loss") is not None:
         parts.append(f"loss {s['loss']:.4f}")
-    if s.get("accuracy") is not None:
-        parts.append(f"acc {s['accuracy']:.3f}")
+    if s.get("metricValue") is not None:
+        parts.append(f"{s.get('metric', 'accuracy')} {s['metricValue']:.3f}")
     parts.append(f"{s.get('samplesPerSecond') or 0:.0f} samples/s")
     return " ".join(parts)
 

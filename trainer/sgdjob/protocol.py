@@ -277,7 +277,7 @@ class Report:
     samples: int
     bytes_sent: int
     bytes_received: int
-    eval_accuracy: float = math.nan  # NaN: no evaluation at this step
+    eval_metric: float = math.nan  # the task's held-out metric; NaN: no evaluation here
     eval_loss: float = math.nan
     final: bool = False
 
@@ -291,7 +291,7 @@ class Report:
             self.samples,
             self.bytes_sent,
             self.bytes_received,
-            self.eval_accuracy,
+            self.eval_metric,
             self.eval_loss,
             1 if self.final else 0,
         )
@@ -305,8 +305,9 @@ class Report:
         step, loss, st, samples, bs, br, acc, eloss, final = cls.STRUCT.unpack(buf)
         if not (math.isfinite(loss) and math.isfinite(st) and st >= 0):
             raise ProtocolError(ErrorCode.NOT_FINITE, "report loss/step time not finite")
-        if not (math.isnan(acc) or 0.0 <= acc <= 1.0):
-            raise ProtocolError(ErrorCode.BAD_PAYLOAD, f"accuracy {acc} outside [0, 1]")
+        if not (math.isnan(acc) or (math.isfinite(acc) and acc >= 0.0)):
+            # Accuracy, RMSE and bits per token are all >= 0; NaN means "no evaluation".
+            raise ProtocolError(ErrorCode.BAD_PAYLOAD, f"metric {acc} is not a finite value >= 0")
         if final > 1:
             raise ProtocolError(ErrorCode.BAD_PAYLOAD, "final flag must be 0 or 1")
         return cls(step, loss, st, samples, bs, br, acc, eloss, bool(final))

@@ -1,4 +1,7 @@
-"""What a finished local run shows a person: the summary table and the loss/accuracy PNG."""
+"""What a finished local run shows a person: the summary table and the loss/metric PNG.
+
+The held-out metric is the task's (accuracy, rmse, bitsPerToken, or a custom task's name).
+"""
 
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ def summary_table(summary: dict[str, Any], *, name: str) -> str:
             return "-"
         return format(v, spec) if spec else str(v)
 
+    metric = summary.get("metric", "accuracy")
     rows = [
         ("job", name),
         ("mode", summary.get("mode")),
@@ -35,7 +39,10 @@ def summary_table(summary: dict[str, Any], *, name: str) -> str:
         ),
         ("steps per worker", fmt(summary.get("stepsPerWorker"))),
         ("parameter version", fmt(summary.get("version"))),
-        ("final test accuracy", fmt(summary.get("finalAccuracy"), ".4f")),
+        (
+            f"final test {metric}",
+            fmt(summary.get("finalMetric", summary.get("finalAccuracy")), ".4f"),
+        ),
         ("final test loss", fmt(summary.get("finalTestLoss"), ".4f")),
         ("train loss", fmt(summary.get("trainLoss"), ".4f")),
         ("wall time (s)", fmt(summary.get("wallTimeSeconds"), ".1f")),
@@ -46,7 +53,7 @@ def summary_table(summary: dict[str, Any], *, name: str) -> str:
 
 
 def plot_curves(metrics: list[dict[str, Any]], path: Path, *, title: str) -> Path | None:
-    """Training loss against version and test accuracy against step, as one PNG."""
+    """Training loss against version and the held-out metric against step, as one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -62,11 +69,14 @@ def plot_curves(metrics: list[dict[str, Any]], path: Path, *, title: str) -> Pat
     ax1.set_ylabel("training loss")
     ax1.set_title("loss")
     ax1.grid(alpha=0.3)
-    ax2.plot([m["step"] for m in evals], [m["accuracy"] for m in evals], "o-", color="tab:green")
+    metric = str(evals[0].get("metric", "accuracy")) if evals else "accuracy"
+    values = [m.get("value", m.get("accuracy")) for m in evals]
+    ax2.plot([m["step"] for m in evals], values, "o-", color="tab:green")
     ax2.set_xlabel("worker 0 step")
-    ax2.set_ylabel("held-out accuracy")
-    ax2.set_ylim(0, 1)
-    ax2.set_title("accuracy")
+    ax2.set_ylabel(f"held-out {metric}")
+    if metric == "accuracy":
+        ax2.set_ylim(0, 1)
+    ax2.set_title(metric)
     ax2.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()

@@ -68,7 +68,10 @@ def client_curve(contract: ProcessContract) -> CurveClient:
 def run_role(contract: ProcessContract) -> int:
     """Run the role the contract names; returns the process exit code."""
     from sgdjob.client import ShardRejected, ShardUnavailable
+    from sgdjob.data import DataError
     from sgdjob.entrypoints import EntryPointError
+    from sgdjob.gpus import GPUError
+    from sgdjob.models import ModelError
     from sgdjob.protocol import token_digest
 
     try:
@@ -121,7 +124,7 @@ def run_role(contract: ProcessContract) -> int:
     except ShardUnavailable as err:
         log.error("%s", err)
         return EXIT_PEER
-    except (ShardRejected, EntryPointError) as err:
+    except (ShardRejected, EntryPointError, DataError, ModelError, GPUError) as err:
         log.error("%s", err)
         return EXIT_SPEC
     except KeyboardInterrupt:
@@ -135,12 +138,13 @@ def run_shard_process(contract: ProcessContract, spec: SGDJobSpec, token: bytes)
     import zmq
 
     from sgdjob.checkpoint import Checkpointer
-    from sgdjob.data import dataset_dims
+    from sgdjob.data import data_shapes
     from sgdjob.httpstatus import serve_status
     from sgdjob.models import FlatModel, build_model
     from sgdjob.shard import Shard
     from sgdjob.slicing import partition
     from sgdjob.stats import ShardStats
+    from sgdjob.tasks import load_task
     from sgdjob.transport import bind_router
 
     k = contract.index
@@ -149,16 +153,22 @@ def run_shard_process(contract: ProcessContract, spec: SGDJobSpec, token: bytes)
         return EXIT_SPEC
     torch.set_num_threads(1)
     t = spec.training
-    input_dim, classes = dataset_dims(spec.data, seed=t.seed)
-    flat = FlatModel(
-        build_model(spec.model, input_dim=input_dim, num_classes=classes, seed=t.seed),
-        torch.device("cpu"),
+    shapes = data_shapes(spec.data, seed=t.seed, task=t.task)
+    model = build_model(
+        spec.model,
+        input_shape=shapes.input_shape,
+        num_classes=shapes.num_classes,
+        target_shape=shapes.target_shape,
+        task=t.task,
+        seed=t.seed,
     )
+    flat = FlatModel(model, torch.device("cpu"))
+    trainable = flat.trainable
     slices = partition(flat.size, spec.parameter_servers.shards)
     initial = np.ascontiguousarray(flat.params.numpy()[slices[k].offset : slices[k].end])
     del flat
     n_workers = spec.workers.replicas + t.backup_workers
-    stats = ShardStats(shard=k, workers=n_workers, mode=t.mode)
+    stats = ShardStats(shard=k, workers=n_workers, mode=t.mode, metric=load_task(t).metric)
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     curve = (
         CurveServer(
@@ -182,6 +192,7 @@ def run_shard_process(contract: ProcessContract, spec: SGDJobSpec, token: bytes)
         stats=stats,
         incarnation=secrets.randbits(32),
         chunk_bytes=4 << 20,
+        trainable=trainable,
     )
     every = spec.checkpoint.every
     ckpt = None
@@ -285,7 +296,8 @@ class MetricsWriter:
                     "kind": "eval",
                     "step": step,
                     "version": version,
-                    "accuracy": acc,
+                    "metric": self.stats.metric,
+                    "value": acc,
                     "testLoss": test_loss,
                     "time": elapsed,
                 }
@@ -314,7 +326,13 @@ class MetricsWriter:
             "backupWorkers": spec.training.backup_workers,
             "version": st["step"],
             "stepsPerWorker": st["totalSteps"],
-            "finalAccuracy": final.eval_accuracy if final else None,
+            "task": spec.training.task,
+            "metric": self.stats.metric,
+            "finalMetric": final.eval_metric if final else None,
+            # Kept for classification (and older readers): the same number under its name.
+            "finalAccuracy": final.eval_metric
+            if final and self.stats.metric == "accuracy"
+            else None,
             "finalTestLoss": final.eval_loss if final else None,
             "trainLoss": st["loss"],
             "wallTimeSeconds": st["elapsedSeconds"],

@@ -41,6 +41,7 @@ from sgdjob.api.types import SGDJobSpec
 from sgdjob.checkpoint import ShardState
 from sgdjob.compression import CompressionError, decode_into, validate_payload
 from sgdjob.mirror import ParameterMirror
+from sgdjob.optim import SliceOptimizer
 from sgdjob.protocol import (
     Compression,
     DType,
@@ -54,11 +55,11 @@ from sgdjob.protocol import (
     check_frames,
     parse_header,
 )
+from sgdjob.schedule import Schedule, equivalent_step
 from sgdjob.slicing import Slice
 from sgdjob.staleness import StalenessRule
 from sgdjob.stats import ShardStats
 from sgdjob.transport import Incoming, frame_array, vector_frames
-from sgdjob.update import MomentumSGD
 
 log = logging.getLogger("sgdjob.shard")
 
@@ -92,6 +93,7 @@ class Shard:
         stats: ShardStats,
         incarnation: int,
         chunk_bytes: int,
+        trainable: int | None = None,
     ) -> None:
         if initial.shape != (slice_.count,) or initial.dtype != np.float32:
             raise ValueError("initial parameters must be float32 of the slice's length")
@@ -109,9 +111,11 @@ class Shard:
         self.mode = t.mode
         self.replicas = spec.workers.replicas
         self.n_workers = spec.workers.replicas + t.backup_workers
-        self.lr = t.lr
         self.max_staleness = t.max_staleness
-        self.opt = MomentumSGD(slice_.count, momentum=t.momentum, weight_decay=t.weight_decay)
+        # Elements past `trainable` (of the whole vector) are buffers: see sgdjob.models.flat.
+        local = slice_.count if trainable is None else trainable - slice_.offset
+        self.opt = SliceOptimizer(self.params, trainable=local, spec=t)
+        self.schedule = Schedule(t.lr, t.schedule)
         self.rule = StalenessRule(t.staleness, count=slice_.count, odena_scale=t.odena_scale)
         self.version = 0
         self.pending: dict[int, list[zmq.Frame]] = {}  # sync: worker -> frames for `version`
@@ -142,11 +146,12 @@ class Shard:
 
     def state(self) -> ShardState:
         """What a checkpoint holds (copies are made by the encoder, not here)."""
-        arrays = {"params": self.params, "momentum": self.opt.buf}
+        arrays = {"params": self.params, **self.opt.state_arrays()}
         if self.rule.odena is not None:
             arrays["odenaMeanAbs"] = self.rule.odena.mean_abs
         with self.stats.lock:
             extra = {"samples": self.stats.samples, "started": self.stats.started}
+        extra.update(self.opt.state_extra())
         return ShardState(
             shard=self.slice.shard,
             offset=self.slice.offset,
@@ -161,7 +166,7 @@ class Shard:
     def restore(self, state: ShardState) -> None:
         """Continue from a checkpoint of this slice (``checkpoint.decode`` verified it)."""
         np.copyto(self.params, state.arrays["params"])
-        np.copyto(self.opt.buf, state.arrays["momentum"])
+        self.opt.load_state(state.arrays, state.extra)
         if self.rule.odena is not None and "odenaMeanAbs" in state.arrays:
             np.copyto(self.rule.odena.mean_abs, state.arrays["odenaMeanAbs"])
         self.version = state.version
@@ -357,11 +362,11 @@ class Shard:
         if self.onebit:
             self._acc.fill(0.0)
             self._decode(self._acc, onebit)
-            parts = [(0, self._acc)]
-        for start, grad in parts:
-            end = start + grad.shape[0]
-            factor = self.rule.factor(grad, tau=tau, start=start)
-            self.opt.apply(self.params[start:end], grad, lr=self.lr, scale=factor, start=start)
+        else:  # the optimizer steps the whole slice at once: gather the frames
+            for start, grad in parts:
+                np.copyto(self._acc[start : start + grad.shape[0]], grad)
+        factor = self.rule.factor(self._acc, tau=tau)
+        self.opt.step(self._acc, lr=self.lr(), scale=factor)
         self._advance()
 
     def _close_step(self) -> None:
@@ -392,8 +397,20 @@ class Shard:
         acc *= np.float32(1.0 / len(self.pending))
         self.pending.clear()
         self.flush_sends()
-        self.opt.apply(self.params, acc, lr=self.lr)
+        self.opt.step(acc, lr=self.lr())
         self._advance()
+
+    def lr(self) -> float:
+        """The scheduled learning rate of the update about to be applied."""
+        total = self.total_steps or 0
+        t = equivalent_step(
+            self.version,
+            mode=self.mode,
+            total_steps=total,
+            workers=self.n_workers,
+            push_every=self.spec.training.push_every,
+        )
+        return self.schedule.lr_at(t, total_steps=total)
 
     def _advance(self) -> None:
         self.version += 1

@@ -49,8 +49,9 @@ def _quantile(sorted_values: list[int], q: float) -> float:
 class ShardStats:
     """Everything one shard counts; shard 0 also aggregates worker reports."""
 
-    def __init__(self, *, shard: int, workers: int, mode: str) -> None:
+    def __init__(self, *, shard: int, workers: int, mode: str, metric: str = "accuracy") -> None:
         self.lock = threading.Lock()
+        self.metric = metric  # the task's held-out metric (accuracy, rmse, bitsPerToken, ...)
         self.shard = shard
         self.mode = mode
         self.total_steps: int | None = None
@@ -65,10 +66,10 @@ class ShardStats:
         self.staleness_sum = 0
         self.staleness_count = 0
         self.samples = 0
-        self.accuracy: float | None = None
+        self.metric_value: float | None = None
         self.test_loss: float | None = None
         self.final_report: Report | None = None
-        self.evals: list[tuple[int, float, float | None]] = []  # (step, accuracy, test loss)
+        self.evals: list[tuple[int, float, float | None]] = []  # (step, metric, test loss)
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -112,10 +113,10 @@ class ShardStats:
             w.bytes_received = report.bytes_received
             w.samples += report.samples
             self.samples += report.samples
-            if not math.isnan(report.eval_accuracy):
-                self.accuracy = report.eval_accuracy
+            if not math.isnan(report.eval_metric):
+                self.metric_value = report.eval_metric
                 self.test_loss = None if math.isnan(report.eval_loss) else report.eval_loss
-                self.evals.append((report.step, report.eval_accuracy, self.test_loss))
+                self.evals.append((report.step, report.eval_metric, self.test_loss))
             if report.final:
                 self.final_report = report
 
@@ -150,7 +151,9 @@ class ShardStats:
                 "totalSteps": self.total_steps,
                 "finished": self.finished_at is not None,
                 "loss": self.mean_loss(),
-                "accuracy": self.accuracy,
+                "accuracy": self.metric_value if self.metric == "accuracy" else None,
+                "metric": self.metric,
+                "metricValue": self.metric_value,
                 "testLoss": self.test_loss,
                 "samples": self.samples,
                 "samplesPerSecond": self.samples_per_second(),
@@ -195,6 +198,12 @@ def prometheus_text(status: dict[str, Any], *, job: str) -> str:
     metric("sgdjob_total_steps", "gauge", "Steps per worker to run.", [("", status["totalSteps"])])
     metric("sgdjob_loss", "gauge", "Mean recent training loss.", [("", status["loss"])])
     metric("sgdjob_accuracy", "gauge", "Held-out accuracy.", [("", status["accuracy"])])
+    metric(
+        "sgdjob_eval_metric",
+        "gauge",
+        "The task's held-out metric, named by the label.",
+        [(f'metric="{status["metric"]}"', status["metricValue"])],
+    )
     metric(
         "sgdjob_samples_per_second",
         "gauge",

@@ -9,7 +9,9 @@ Loop per step (``spec.training.mode``):
   locally (plain SGD) and accumulate it; push the sum every ``pushEvery`` steps.
 
 Worker 0 also evaluates the held-out set every ``evalInterval`` steps and, at the end, pulls
-the final parameters, evaluates, and writes the model atomically.
+the final parameters, evaluates, and writes the model atomically. The loss and the metric
+are the task's (``sgdjob.tasks``); non-trainable buffers ride in the flat vector
+(``sgdjob.models.flat``): loaded at every pull, their change pushed with every gradient.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import io
 import logging
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,36 +29,42 @@ from torch import nn
 
 from sgdjob.api.types import SGDJobSpec
 from sgdjob.client import ShardClient, ShardRestarted
-from sgdjob.data import Dataset, load_dataset, partition_for, total_steps
+from sgdjob.data import (
+    BatchSource,
+    Data,
+    Dataset,
+    load_data,
+    partition_for,
+    eval_batches,
+    total_steps,
+)
+from sgdjob.data.dataset import from_legacy
+from sgdjob.gpus import GPUError
 from sgdjob.models import FlatModel, build_model
 from sgdjob.output import atomic_write
+from sgdjob.precision import Precision, clip_grad_norm_
 from sgdjob.protocol import Report
+from sgdjob.schedule import Schedule
+from sgdjob.tasks import Evaluation, Task, evaluate, load_task
 from sgdjob.transport import CurveClient
 
 log = logging.getLogger("sgdjob.worker")
 
 
-@dataclass(frozen=True)
-class Evaluation:
-    accuracy: float
-    loss: float
+EVAL_BATCH = 512
 
 
-def evaluate(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch: int = 4096
+def held_out(
+    flat: FlatModel, task: Task, data: Data, precision: Precision, *, limit: int | None
 ) -> Evaluation:
-    device = next(model.parameters()).device
-    model.eval()
-    correct, loss_sum = 0, 0.0
-    with torch.no_grad():
-        for i in range(0, x.shape[0], batch):
-            xb, yb = x[i : i + batch].to(device), y[i : i + batch].to(device)
-            out = model(xb)
-            loss_sum += float(nn.functional.cross_entropy(out, yb, reduction="sum"))
-            correct += int((out.argmax(dim=1) == yb).sum())
-    model.train()
-    n = max(1, x.shape[0])
-    return Evaluation(accuracy=correct / n, loss=loss_sum / n)
+    """The task's metric on the first ``limit`` (or all) test items."""
+    return evaluate(
+        flat.model,
+        task,
+        eval_batches(data.test, limit=limit, batch=EVAL_BATCH),
+        device=flat.params.device,
+        autocast=precision.autocast,
+    )
 
 
 class HostBuffers:
@@ -89,11 +96,12 @@ class HostBuffers:
 
 
 def choose_device(spec: SGDJobSpec) -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", 0)
-    if spec.workers.gpus > 0:
-        log.warning("spec.workers.gpus=%d but CUDA is not available; using CPU", spec.workers.gpus)
-    return torch.device("cpu")
+    """The CPU for ``workers.gpus: 0``; else this process's one visible GPU, as cuda:0."""
+    if spec.workers.gpus == 0:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise GPUError("spec.workers.gpus is 1 but this worker sees no CUDA device")
+    return torch.device("cuda", 0)
 
 
 def run_worker(
@@ -105,28 +113,41 @@ def run_worker(
     output_dir: str,
     timeout_s: float = 600.0,
     chunk_bytes: int = 4 << 20,
-    dataset: Dataset | None = None,
+    dataset: Data | Dataset | None = None,
     attempt: int = 0,
     curve: CurveClient | None = None,
 ) -> int:
     t = spec.training
     torch.set_num_threads(spec.workers.threads)
     n_workers = spec.workers.replicas + t.backup_workers
-    ds = dataset or load_dataset(spec.data, seed=t.seed)
+    task = load_task(t)
+    data = dataset or load_data(spec.data, seed=t.seed, task=t.task)
+    if isinstance(data, Dataset):
+        data = from_legacy(data)
     device = choose_device(spec)
-    model = build_model(spec.model, input_dim=ds.input_dim, num_classes=ds.num_classes, seed=t.seed)
+    model = build_model(
+        spec.model,
+        input_shape=data.input_shape,
+        num_classes=data.num_classes,
+        target_shape=data.target_shape,
+        task=t.task,
+        seed=t.seed,
+    )
     flat = FlatModel(model, device)
     host = HostBuffers(flat)
+    precision = Precision(t.precision, device)
+    schedule = Schedule(t.lr, t.schedule)
     part = partition_for(
-        ds.x_train.shape[0], workers=n_workers, index=index, batch_size=t.batch_size, seed=t.seed
+        data.n_train, workers=n_workers, index=index, batch_size=t.batch_size, seed=t.seed
     )
     steps = total_steps(
-        n_train=ds.x_train.shape[0],
+        n_train=data.n_train,
         workers=n_workers,
         batch_size=t.batch_size,
         epochs=t.epochs,
         max_steps=t.max_steps,
     )
+    source = BatchSource(data.train, part, steps=steps, loader_workers=spec.data.loader_workers)
     # The straggler knob models a slow machine: it slows the first attempt of that worker
     # only, so a replacement (which lands on another node in a cluster) runs at full speed.
     delay_s = spec.debug.slow_workers.get(index, 0) / 1000.0 if attempt == 0 else 0.0
@@ -172,6 +193,7 @@ def run_worker(
                     versions = []
                     continue
                 host.params_to_device()
+                flat.load_buffers()
                 if finished:
                     break
                 if t.mode == "sync":
@@ -181,13 +203,11 @@ def run_worker(
             # Step time is this worker's own work, not the wait for the others in a pull: a
             # straggler then stands out even in sync mode, where everybody waits for it.
             t0 = time.perf_counter()
-            xb_idx = torch.from_numpy(part.batch(step))
-            xb = ds.x_train[xb_idx].to(device, non_blocking=True)
-            yb = ds.y_train[xb_idx].to(device, non_blocking=True)
+            xb, yb = source.get(step)
+            xb = xb.to(device, non_blocking=True)
+            yb = yb.to(device, non_blocking=True)
             client.wait_sent()  # the last push may still be reading the gradient buffer
-            flat.zero_grad()
-            loss = nn.functional.cross_entropy(flat.model(xb), yb)
-            loss.backward()
+            loss = compute_gradient(flat, task, precision, xb, yb, clip=t.grad_clip_norm)
             if delay_s:
                 time.sleep(delay_s)
             if local_acc is not None or not onebit:
@@ -195,7 +215,7 @@ def run_worker(
             if local_acc is not None:
                 # Downpour: step locally between fetches, push the accumulated gradient.
                 local_acc += host.grads
-                flat.params.sub_(flat.grads, alpha=t.lr)
+                flat.local_step(schedule.lr_at(step, total_steps=steps))
                 since_push += 1
                 if since_push >= t.push_every or step + 1 >= steps:
                     client.push(local_acc, versions=versions, step=step)
@@ -206,7 +226,7 @@ def run_worker(
                 client.push(flat.grads if onebit else host.grads, versions=versions, step=step)
             ev = None
             if index == 0 and step % t.eval_interval == 0:
-                ev = evaluate(flat.model, ds.x_test, ds.y_test)
+                ev = held_out(flat, task, data, precision, limit=t.eval_samples)
             client.report(
                 Report(
                     step=step,
@@ -215,7 +235,7 @@ def run_worker(
                     samples=t.batch_size,
                     bytes_sent=client.bytes_sent,
                     bytes_received=client.bytes_received,
-                    eval_accuracy=ev.accuracy if ev else math.nan,
+                    eval_metric=ev.metric if ev else math.nan,
                     eval_loss=ev.loss if ev else math.nan,
                 )
             )
@@ -231,7 +251,8 @@ def run_worker(
             except ShardRestarted as err:
                 log.warning("worker 0: %s during the final pull; resynced", err)
         host.params_to_device()
-        ev = evaluate(flat.model, ds.x_test, ds.y_test)
+        flat.load_buffers()
+        ev = held_out(flat, task, data, precision, limit=None)
         save_model(flat.model, Path(output_dir) / "model.pt")
         client.report(
             Report(
@@ -241,17 +262,45 @@ def run_worker(
                 samples=0,
                 bytes_sent=client.bytes_sent,
                 bytes_received=client.bytes_received,
-                eval_accuracy=ev.accuracy,
+                eval_metric=ev.metric,
                 eval_loss=ev.loss,
                 final=True,
             )
         )
         client.wait_sent()
-        log.info("worker 0: final test accuracy %.4f at version %s", ev.accuracy, versions)
+        log.info("worker 0: final test %s %.4f at version %s", task.metric, ev.metric, versions)
         return 0
     finally:
+        source.close()
         client.close()
         ctx.term()
+
+
+def compute_gradient(
+    flat: FlatModel,
+    task: Task,
+    precision: Precision,
+    xb: torch.Tensor,
+    yb: torch.Tensor,
+    *,
+    clip: float | None,
+) -> torch.Tensor:
+    """Forward, backward (autocast, loss scaling, clipping) and the buffers' change, all
+    written into ``flat.grads``; returns the batch's loss."""
+    flat.zero_grad()
+    with precision.autocast():
+        loss = task.loss(flat.model(xb), yb)
+    scaler = precision.scaler
+    if scaler is not None:
+        scaler.scale_loss(loss).backward()
+        if not scaler.unscale_(flat.param_grads):
+            log.warning("fp16 gradients overflowed; pushing zeros, loss scale now %g", scaler.scale)
+    else:
+        loss.backward()
+    if clip is not None:
+        clip_grad_norm_(flat.param_grads, clip)
+    flat.buffer_deltas()
+    return loss.detach()
 
 
 def save_model(model: nn.Module, path: Path) -> None:

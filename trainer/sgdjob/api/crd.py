@@ -62,6 +62,9 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
     {"name": "Step", "type": "integer", "jsonPath": ".status.step"},
     {"name": "Loss", "type": "number", "jsonPath": ".status.loss"},
+    # The task's held-out metric by name (accuracy, rmse, bitsPerToken) and its value.
+    {"name": "Metric", "type": "string", "jsonPath": ".status.metric"},
+    {"name": "Value", "type": "number", "jsonPath": ".status.metricValue"},
     {"name": "Workers", "type": "integer", "jsonPath": ".status.readyWorkers"},
     {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},

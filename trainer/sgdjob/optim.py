@@ -1,0 +1,122 @@
+"""The update rules a shard applies to its slice: torch's own SGD, Adam and AdamW.
+
+Every rule is elementwise, so a shard can run it on its contiguous slice alone: the slice's
+trainable elements are one ``torch.nn.Parameter`` sharing memory with the shard's numpy
+vector, stepped by a ``torch.optim`` optimizer (single-tensor kernels, no foreach), which
+makes the arithmetic torch's by construction. Optimizer state (SGD's momentum buffer, Adam's
+two moments) lives in float32 vectors of the slice's length that torch uses in place, so a
+checkpoint saves them as they are; Adam's step count goes into the checkpoint header.
+
+Elements past ``trainable`` are non-trainable buffers (``sgdjob.models.flat``): their
+"gradient" is the (averaged) change the workers' forward passes made, added as it is, with no
+learning rate, momentum or weight decay.
+
+The staleness rules' factor scales the scheduled rate: for SGD it multiplies the gradient
+before momentum (the learning rate of that one gradient, which also allows Odena's
+per-element factor); for Adam/AdamW, which normalise the gradient away, it multiplies ``lr``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from sgdjob.api.types import TrainingSpec
+
+STATE_ARRAYS = {"sgd": {"momentum_buffer": "momentum"}}
+ADAM_ARRAYS = {"exp_avg": "expAvg", "exp_avg_sq": "expAvgSq"}
+
+
+class SliceOptimizer:
+    """One slice's update rule and its state; ``params`` is updated in place."""
+
+    def __init__(self, params: np.ndarray, *, trainable: int, spec: TrainingSpec) -> None:
+        if params.dtype != np.float32 or params.ndim != 1:
+            raise ValueError("a slice is a 1-D float32 vector")
+        self.params = params
+        self.count = params.shape[0]
+        self.trainable = max(0, min(self.count, trainable))
+        self.kind = spec.optimizer
+        t = self.trainable
+        self.param = torch.nn.Parameter(torch.from_numpy(params[:t]))
+        names = STATE_ARRAYS["sgd"] if self.kind == "sgd" else ADAM_ARRAYS
+        self.arrays = {key: np.zeros(self.count, dtype=np.float32) for key in names.values()}
+        self._scratch = np.empty(t, dtype=np.float32)
+        self.opt: torch.optim.Optimizer
+        if self.kind == "sgd":
+            self.opt = torch.optim.SGD(
+                [self.param],
+                lr=spec.lr,
+                momentum=spec.momentum,
+                nesterov=spec.nesterov,
+                weight_decay=spec.weight_decay,
+                foreach=False,
+            )
+            if spec.momentum:
+                state = self.opt.state[self.param]
+                state["momentum_buffer"] = torch.from_numpy(self.arrays["momentum"][:t])
+        else:
+            cls = torch.optim.Adam if self.kind == "adam" else torch.optim.AdamW
+            self.opt = cls(
+                [self.param],
+                lr=spec.lr,
+                betas=(spec.beta1, spec.beta2),
+                eps=spec.eps,
+                weight_decay=spec.weight_decay,
+                foreach=False,
+            )
+            state = self.opt.state[self.param]
+            state["step"] = torch.tensor(0.0)
+            for key, name in ADAM_ARRAYS.items():
+                state[key] = torch.from_numpy(self.arrays[name][:t])
+
+    @property
+    def steps(self) -> int:
+        if self.kind == "sgd":
+            return 0
+        return int(self.opt.state[self.param]["step"])
+
+    def step(self, grad: np.ndarray, *, lr: float, scale: float | np.ndarray = 1.0) -> None:
+        """Apply one (averaged) gradient of the whole slice."""
+        if grad.shape != (self.count,):
+            raise ValueError(f"gradient of {grad.shape}, slice holds {self.count}")
+        t = self.trainable
+        if t:
+            g = grad[:t]
+            group = self.opt.param_groups[0]
+            if self.kind == "sgd":
+                if isinstance(scale, np.ndarray):
+                    np.multiply(g, scale[:t], out=self._scratch)
+                    g = self._scratch
+                elif scale != 1.0:
+                    np.multiply(g, scale, out=self._scratch)
+                    g = self._scratch
+                group["lr"] = lr
+            else:
+                if np.ndim(scale) != 0:
+                    raise ValueError("Adam takes a scalar staleness factor only")
+                group["lr"] = lr * float(scale)
+            self.param.grad = torch.from_numpy(g if g.flags.writeable else g.copy())
+            self.opt.step()
+            self.param.grad = None
+        if t < self.count:
+            self.params[t:] += grad[t:]
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        return dict(self.arrays)
+
+    def state_extra(self) -> dict[str, Any]:
+        return {"optimizer": self.kind, "optimizerSteps": self.steps}
+
+    def load_state(self, arrays: dict[str, np.ndarray], extra: dict[str, Any]) -> None:
+        """Restore from a checkpoint of the same optimizer; missing moments stay zero."""
+        saved = extra.get("optimizer", "sgd")
+        if saved != self.kind:
+            raise ValueError(f"the checkpoint holds {saved} state, the job uses {self.kind}")
+        for name, arr in self.arrays.items():
+            if name in arrays:
+                np.copyto(arr, arrays[name])
+        if self.kind != "sgd":
+            self.opt.state[self.param]["step"].fill_(float(extra.get("optimizerSteps", 0)))
