@@ -10,7 +10,7 @@ import inspect
 import sys
 import time
 
-BENCHES = ["transport", "sync_vs_ddp", "compression", "convergence", "operator"]
+BENCHES = ["transport", "sync_vs_ddp", "compression", "convergence", "workloads", "operator"]
 
 
 def main(argv: list[str]) -> int:

@@ -1,9 +1,10 @@
 """Bring your own model and data: entry points named in examples/custom-*.yaml.
 
-A model entry point is called as ``fn(input_dim=..., num_classes=..., **spec.model.kwargs)``
-and returns a ``torch.nn.Module`` mapping a (batch, input_dim) float tensor to class logits.
+The 1-D form of the contract: a model entry point that names ``input_dim`` (given for 1-D
+inputs, beside ``input_shape``) and ``num_classes`` gets those and ``spec.model.kwargs``, and
+returns a ``torch.nn.Module`` mapping a (batch, input_dim) float tensor to class logits.
 A data entry point is called as ``fn(seed=..., **spec.data.kwargs)`` and returns an
-``sgdjob.data.Dataset``. The module must be importable by every trainer process: run
+``sgdjob.data.Dataset`` (or a (train, test) pair of torch Datasets: see byo_cnn.py). The module must be importable by every trainer process: run
 `sgdjob run` from the directory that holds it (locally), or bake it into the trainer image.
 """
 
@@ -25,8 +26,11 @@ class SmallConvNet(nn.Module):
         if self.side * self.side != input_dim:
             raise ValueError(f"SmallConvNet needs a square image, got {input_dim} inputs")
         self.features = nn.Sequential(
-            nn.Conv2d(1, channels, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(1, channels, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(channels, channels, 3, padding=1),
+            nn.ReLU(),
         )
         self.head = nn.Linear(channels * (self.side // 2) ** 2, num_classes)
 
@@ -45,11 +49,15 @@ def wine(*, seed: int, test_fraction: float = 0.3) -> Dataset:
     from sklearn.model_selection import train_test_split
 
     x, y = load_wine(return_X_y=True)
-    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_fraction,
-                                              random_state=seed, stratify=y)
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        x, y, test_size=test_fraction, random_state=seed, stratify=y
+    )
     mean, std = x_tr.mean(axis=0), x_tr.std(axis=0) + 1e-8
+
     def f(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(((a - mean) / std).astype(np.float32))
+
     def i(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(a.astype(np.int64))
+
     return Dataset(f(x_tr), i(y_tr), f(x_te), i(y_te), num_classes=3)

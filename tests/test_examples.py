@@ -18,7 +18,8 @@ def test_every_example_is_a_valid_sgdjob(path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "steps", "floor"), [("custom-model.yaml", 60, 0.6), ("custom-data.yaml", 40, 0.85)]
+    ("name", "steps", "floor"),
+    [("custom-model.yaml", 60, 0.6), ("custom-data.yaml", 40, 0.85), ("byo-cnn.yaml", 60, 0.8)],
 )
 def test_the_bring_your_own_examples_train(
     run_job: Any, monkeypatch: pytest.MonkeyPatch, name: str, steps: int, floor: float
@@ -31,3 +32,14 @@ def test_the_bring_your_own_examples_train(
     summary, out = run_job(doc)
     assert summary["finalAccuracy"] >= floor
     assert (out / "model.pt").exists()
+
+
+def test_the_regression_example_trains_and_reports_rmse(
+    run_job: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(EXAMPLES.parent)
+    doc = load_job(EXAMPLES / "diabetes-regression.yaml").model_dump(by_alias=True, mode="json")
+    doc["spec"]["training"]["maxSteps"] = 150
+    summary, _ = run_job(doc)
+    assert summary["metric"] == "rmse" and summary["finalAccuracy"] is None
+    assert summary["finalMetric"] < 0.9  # a constant guess scores about 1.0

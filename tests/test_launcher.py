@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from sgdjob.api.validation import parse_job
-from sgdjob.data import load_data, partition_for, eval_batches
+from sgdjob.data import eval_batches, load_data, partition_for
 from sgdjob.models import build_model
 from sgdjob.tasks import CLASSIFICATION, evaluate
 from tests.conftest import job_doc
