@@ -33,9 +33,9 @@ from sgdjob.data import (
     BatchSource,
     Data,
     Dataset,
+    eval_batches,
     load_data,
     partition_for,
-    eval_batches,
     total_steps,
 )
 from sgdjob.data.dataset import from_legacy

@@ -22,9 +22,9 @@ __all__ = [
     "Shapes",
     "TensorPair",
     "data_shapes",
+    "eval_batches",
     "gather",
     "load_data",
     "partition_for",
-    "eval_batches",
     "total_steps",
 ]
