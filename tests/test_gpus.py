@@ -37,7 +37,7 @@ def test_a_local_job_short_of_gpus_starts_no_process(
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     job = parse_job(job_doc("gpu", workers={"replicas": 2, "gpus": 1}))
     local = LocalJob(job, output=tmp_path / "out", progress=False)
-    with pytest.raises(LaunchError, match="spec.workers.gpus: .*2 GPU"):
+    with pytest.raises(LaunchError, match=r"spec\.workers\.gpus: .*2 GPU"):
         local.start()
     assert not local.shards and not local.workers
     assert not (tmp_path / "out").exists()
@@ -46,5 +46,5 @@ def test_a_local_job_short_of_gpus_starts_no_process(
 def test_more_than_one_gpu_per_worker_is_rejected_by_the_spec() -> None:
     from sgdjob.api.validation import SpecError
 
-    with pytest.raises(SpecError, match="spec.workers.gpus"):
+    with pytest.raises(SpecError, match=r"spec\.workers\.gpus"):
         parse_job(job_doc("g", workers={"gpus": 2}))
