@@ -133,7 +133,8 @@ def run_worker(
         task=t.task,
         seed=t.seed,
     )
-    flat = FlatModel(model, device)
+    onebit = spec.compression.kind == "onebit"
+    flat = FlatModel(model, device, sync_buffers=not onebit)  # see sgdjob.models.flat
     host = HostBuffers(flat)
     precision = Precision(t.precision, device)
     schedule = Schedule(t.lr, t.schedule)
@@ -166,7 +167,6 @@ def run_worker(
         # 1-bit encoding runs where the gradient is (the GPU); Downpour accumulates on host.
         ef_device="cpu" if t.mode == "downpour" else flat.grads.device,
     )
-    onebit = spec.compression.kind == "onebit"
     try:
         welcome = client.hello(flat.size, total_steps=steps)
         step = welcome.resume_step
@@ -208,6 +208,9 @@ def run_worker(
             yb = yb.to(device, non_blocking=True)
             client.wait_sent()  # the last push may still be reading the gradient buffer
             loss = compute_gradient(flat, task, precision, xb, yb, clip=t.grad_clip_norm)
+            if not math.isfinite(float(loss)):
+                # Say so and stop: a NaN report would be refused and the job left waiting.
+                raise Diverged(f"worker {index}: the loss is {float(loss)} at step {step}")
             if delay_s:
                 time.sleep(delay_s)
             if local_acc is not None or not onebit:
@@ -274,6 +277,10 @@ def run_worker(
         source.close()
         client.close()
         ctx.term()
+
+
+class Diverged(RuntimeError):
+    """Training produced a non-finite loss (lower training.lr, clip, or use float32)."""
 
 
 def compute_gradient(

@@ -18,6 +18,11 @@ as one large-batch BatchNorm would keep them; every worker loads them at each pu
 values. Averaging was chosen over "take worker 0's" because it uses every worker's batches
 and needs no special role: a lost worker 0 loses nothing, and async modes work unchanged.
 Integer buffers travel as float32 (exact up to 2**24) and are rounded back.
+
+With 1-bit compression (``sync_buffers=False``) buffers are not averaged: sign quantisation of
+their changes can drive a running variance below zero, which BatchNorm turns into NaN. Each
+worker then keeps its own statistics (it pushes no change and loads none), and ``model.pt``
+carries worker 0's.
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ from torch import nn
 class FlatModel:
     """A model whose parameters, gradients and buffers live in two flat float32 vectors."""
 
-    def __init__(self, model: nn.Module, device: torch.device) -> None:
+    def __init__(self, model: nn.Module, device: torch.device, *, sync_buffers: bool = True):
+        self.sync_buffers = sync_buffers
         self.model = model.to(device=device)
         for p in self.model.parameters():  # float32 master weights; autocast does the rest
             p.data = p.data.float()
@@ -64,6 +70,8 @@ class FlatModel:
 
     def load_buffers(self) -> None:
         """Set the module's buffers to the values in the parameter vector (after a pull)."""
+        if not self.sync_buffers:
+            return
         with torch.no_grad():
             for b, (off, n) in zip(self.buffers, self._buffer_ranges, strict=True):
                 src = self.params[off : off + n].view_as(b)
@@ -71,6 +79,9 @@ class FlatModel:
 
     def buffer_deltas(self) -> None:
         """Write (own buffers - pulled buffers) into the buffer range of the gradient."""
+        if not self.sync_buffers:
+            self.grads[self.trainable :].zero_()
+            return
         with torch.no_grad():
             for b, (off, n) in zip(self.buffers, self._buffer_ranges, strict=True):
                 torch.sub(
