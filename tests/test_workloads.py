@@ -252,3 +252,19 @@ def test_mixed_precision_trains_with_float32_on_the_wire_and_the_shards(
     )
     assert summary["finalAccuracy"] >= 0.8
     assert all(v.dtype in (torch.float32, torch.int64) for v in saved(out).values())
+
+
+def test_a_batchnorm_model_trains_with_1_bit_gradients_keeping_its_own_statistics(
+    run_job: Any,
+) -> None:
+    doc = user_job(
+        "onebit-bn",
+        workers={"replicas": 2},
+        compression={"kind": "onebit"},
+        training={"maxSteps": 40},
+    )
+    summary, out = run_job(doc)
+    assert summary["finalAccuracy"] >= 0.9
+    state = saved(out)
+    assert all(bool(torch.isfinite(v.float()).all()) for v in state.values())
+    assert float(state["features.1.running_var"].min()) > 0.0
