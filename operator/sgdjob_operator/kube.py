@@ -96,7 +96,7 @@ def api_configuration(creds: Credentials | None) -> k8s.Configuration:
         cfg.verify_ssl = creds.ca_path is not None
         hook = _TokenFile(creds.token_file)
         hook(cfg)
-        cfg.refresh_api_key_hook = hook
+        cfg.refresh_api_key_hook = hook  # type: ignore[assignment]
     elif creds is not None and creds.kubeconfig is not None:
         k8s_config.load_kube_config(config_file=creds.kubeconfig, client_configuration=cfg)
     else:
@@ -156,12 +156,13 @@ class KubeClient:
                 "patch_status": "patch_namespaced_custom_object_status",
                 "delete": "delete_namespaced_custom_object",
             }
-            return getattr(api, names[verb])  # type: ignore[no-any-return]
+            return getattr(api, names[verb])
         kind = CORE_KINDS[plural]
         core = k8s.CoreV1Api(self._api)
         if verb == "patch_status":
-            return getattr(core, f"patch_namespaced_{kind}_status")  # type: ignore[no-any-return]
-        return getattr(core, f"{verb}_namespaced_{kind}")  # type: ignore[no-any-return]
+            return getattr(core, f"patch_namespaced_{kind}_status")
+        verb = "read" if verb == "get" else verb  # the typed core API reads, not gets
+        return getattr(core, f"{verb}_namespaced_{kind}")
 
     def _args(self, plural: str, namespace: str, name: str | None, payload: Any) -> tuple[Any, ...]:
         """Positional arguments in the order the typed methods take them."""

@@ -1,4 +1,4 @@
-"""On the real API server: restarts, budgets, stragglers, success, deadlines and operator restarts."""
+"""On the real API server: restarts, budgets, stragglers, success, deadlines, restarts."""
 
 from __future__ import annotations
 
@@ -239,24 +239,33 @@ async def test_a_pod_pending_past_the_deadline_fails_the_job_naming_the_reason(
     cluster: Cluster,
 ) -> None:
     async with running_operator(cluster.k):
-        await cluster.create_job("j", basic_spec(supervision={"preRunningDeadlineSeconds": 60}))
+        await cluster.create_job("j", basic_spec(supervision={"preRunningDeadlineSeconds": 3}))
         await eventually(lambda: len(cluster.pods()) == 4)
-        # KMock sets no creationTimestamp: this pod has been Pending for an hour.
+        # Every pod runs but worker-1, which cannot pull its image (creation times are the
+        # server's own, so the deadline is a real 3 s).
+        for name in ("j-ps-0", "j-ps-1", "j-worker-0"):
+            await cluster.patch_pod(name, {"status": {"phase": "Running"}})
         await cluster.patch_pod(
             "j-worker-1",
             {
-                "metadata": {"creationTimestamp": "2020-01-01T00:00:00Z"},
                 "status": {
                     "phase": "Pending",
                     "containerStatuses": [
-                        {"name": "trainer", "state": {"waiting": {"reason": "ImagePullBackOff"}}}
+                        {
+                            "name": "trainer",
+                            "image": "example.test/sgdjob:test",
+                            "imageID": "",
+                            "ready": False,
+                            "restartCount": 0,
+                            "state": {"waiting": {"reason": "ImagePullBackOff"}},
+                        }
                     ],
                 },
             },
         )
         st = await eventually(lambda: status(cluster).get("phase") == "Failed" and status(cluster))
     assert "worker-1" in st["message"] and "ImagePullBackOff" in st["message"]
-    assert "60s" in st["message"]
+    assert "3s" in st["message"]
 
 
 async def test_the_operator_restarted_mid_job_creates_no_duplicates_and_keeps_counters(
@@ -280,8 +289,9 @@ async def test_the_operator_restarted_mid_job_creates_no_duplicates_and_keeps_co
         await cluster.patch_pod("j-worker-0", {"status": {"phase": "Running"}})
         await cluster.set_phase("j-worker-0", "Failed", terminated={"exitCode": 137})
         st = await eventually(lambda: status(cluster).get("restarts") == 2 and status(cluster))
+        # Counters are persisted before acting; the new pod follows.
+        await eventually(lambda: attempt(cluster, "j-worker-0") == "2", what="attempt 2")
     assert st["replicaRestarts"] == {"worker-0": 2}
-    assert attempt(cluster, "j-worker-0") == "2"
     assert len(cluster.pods()) == 4
 
 
