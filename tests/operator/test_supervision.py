@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from sgdjob.api.types import SGDJobSpec
@@ -201,6 +202,41 @@ async def test_a_slow_worker_reported_by_the_coordinator_is_replaced(cluster: Cl
     assert "node-j-worker-2" in event["message"]
 
 
+async def test_a_straggler_is_stopped_gracefully_and_replaced_only_once_it_is_gone(
+    cluster: Cluster,
+) -> None:
+    fake = FakeCoordinator({0: 0.1, 1: 0.11, 2: 1.0})
+    spec = basic_spec(
+        workers={"replicas": 3},
+        supervision={"straggler": {"factor": 3.0, "windows": 2, "maxReplacements": 1}},
+    )
+    cluster.kubelet_paused = True  # the old pod's kubelet has not confirmed its exit yet
+    async with (
+        serve_coordinator(fake) as url,
+        running_operator(cluster.k, coordinator_url=lambda _r, _s: url) as state,
+    ):
+        await cluster.create_job("j", spec)
+        await start_all(cluster, 5)
+        old = cluster.pods()["j-worker-2"]["metadata"]["uid"]
+        pod = await eventually(
+            lambda: (
+                cluster.pods()["j-worker-2"]["metadata"].get("deletionTimestamp")
+                and cluster.pods()["j-worker-2"]
+            ),
+            what="the straggler terminating",
+        )
+        # Its grace period, not a kill: the pod's own terminationGracePeriodSeconds.
+        assert pod["metadata"]["deletionGracePeriodSeconds"] > 0
+        passes = state.config.metrics.reconciles
+        await eventually(lambda: state.config.metrics.reconciles >= passes + 5, what="passes")
+        # Still the one old pod: no second copy of worker-2 while the first may still run.
+        assert cluster.pods()["j-worker-2"]["metadata"]["uid"] == old
+        assert attempt(cluster, "j-worker-2") == "0"
+        cluster.kubelet_paused = False
+        await eventually(lambda: attempt(cluster, "j-worker-2") == "1", what="the replacement")
+    assert cluster.pods()["j-worker-2"]["metadata"]["uid"] != old
+
+
 async def test_all_workers_succeeded_succeeds_the_job_and_cleans_up_running_pods(
     cluster: Cluster,
 ) -> None:
@@ -309,7 +345,9 @@ async def test_the_active_deadline_fails_a_running_job(cluster: Cluster) -> None
 async def test_a_restarted_operator_still_honours_the_ttl_of_a_finished_job(
     cluster: Cluster,
 ) -> None:
-    spec = basic_spec(supervision={"ttlSecondsAfterFinished": 1})
+    # The TTL is far beyond the first operator's life, and the completion time is then moved
+    # an hour back: only the restarted operator can have deleted the job, whatever the load.
+    spec = basic_spec(supervision={"ttlSecondsAfterFinished": 600})
     async with running_operator(cluster.k):
         await cluster.create_job("j", spec)
         await start_all(cluster, 4)
@@ -317,5 +355,11 @@ async def test_a_restarted_operator_still_honours_the_ttl_of_a_finished_job(
             await cluster.set_phase(f"j-worker-{i}", "Succeeded", terminated={"exitCode": 0})
         await eventually(lambda: status(cluster).get("phase") == "Succeeded")
     assert "j" in cluster.objects("sgdjob.dev/v1alpha1/sgdjobs")
+    await asyncio.to_thread(
+        cluster.custom.patch_namespaced_custom_object_status,
+        "sgdjob.dev", "v1alpha1", cluster.ns, "sgdjobs", "j",
+        {"status": {"completionTime": "2020-01-01T00:00:00Z"}},
+        _content_type="application/merge-patch+json",
+    )  # fmt: skip
     async with running_operator(cluster.k):
         await eventually(lambda: "j" not in cluster.objects("sgdjob.dev/v1alpha1/sgdjobs"))
