@@ -48,3 +48,16 @@ def test_more_than_one_gpu_per_worker_is_rejected_by_the_spec() -> None:
 
     with pytest.raises(SpecError, match=r"spec\.workers\.gpus"):
         parse_job(job_doc("g", workers={"gpus": 2}))
+
+
+def test_a_gpu_worker_without_cuda_stops_with_an_error_and_a_cpu_worker_uses_the_cpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import torch
+
+    from sgdjob.worker import choose_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert choose_device(parse_job(job_doc("c")).spec).type == "cpu"
+    with pytest.raises(GPUError, match="no CUDA device"):
+        choose_device(parse_job(job_doc("g", workers={"gpus": 1})).spec)
