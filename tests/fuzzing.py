@@ -235,7 +235,9 @@ REPORT_CHECKS: list[tuple[str, Mutate]] = [
     ),
     (
         "report nonsense",
-        frames_to(report_with(acc=[1.5, -0.1, math.inf], final=[2, U8]), code=E.BAD_PAYLOAD),
+        frames_to(
+            report_with(acc=[-1.5, -0.1, math.inf, -math.inf], final=[2, U8]), code=E.BAD_PAYLOAD
+        ),
     ),
 ]
 PUSH_CHECKS: list[tuple[str, Mutate]] = [
