@@ -118,6 +118,7 @@ class Shard:
         self._acc = np.empty(slice_.count, dtype=np.float32)
         self.pulls: list[PendingPull] = []
         self.done: set[int] = set()
+        self.exited: set[int] = set()  # workers that sent DONE or that the executor saw succeed
         self.next_step: dict[int, int] = {}  # worker -> step after its last push
         self.trackers: list[zmq.MessageTracker] = []
         comp = spec.compression
@@ -134,8 +135,32 @@ class Shard:
     @property
     def finished(self) -> bool:
         if self.mode == "sync":
-            return self.total_steps is not None and self.version >= self.total_steps
+            # Every worker done and nothing left to close: nobody will push again (a shard
+            # restored behind the others after the workers exited).
+            ran_all = self.total_steps is not None and self.version >= self.total_steps
+            return ran_all or (len(self.done) >= self.n_workers and not self.pending)
         return len(self.done) >= self.n_workers
+
+    def milestone(self) -> tuple[int, bool]:
+        """Changes when a worker leaves or the training finishes: worth a checkpoint then."""
+        return len(self.exited), self.finished
+
+    def workers_exited(self, workers: Sequence[int]) -> None:
+        """These workers are gone for good (DONE, or the executor saw them succeed)."""
+        new = {w for w in workers if 0 <= w < self.n_workers}
+        self.exited |= new
+        self.done |= new
+        self._maybe_close()
+        self._serve_pulls()
+
+    def _needed(self) -> int:
+        """Sync: gradients that close a step; workers gone for good push no more."""
+        coming = set(range(self.n_workers)) - self.done
+        return max(1, min(self.replicas, len(coming | set(self.pending))))
+
+    def _maybe_close(self) -> None:
+        if self.mode == "sync" and self.pending and len(self.pending) >= self._needed():
+            self._close_step()
 
     def should_exit(self) -> bool:
         return len(self.done) >= self.n_workers and not self.pulls
@@ -147,6 +172,7 @@ class Shard:
             arrays["odenaMeanAbs"] = self.rule.odena.mean_abs
         with self.stats.lock:
             extra = {"samples": self.stats.samples, "started": self.stats.started}
+        extra["exited"] = sorted(self.exited)
         return ShardState(
             shard=self.slice.shard,
             offset=self.slice.offset,
@@ -168,6 +194,9 @@ class Shard:
         self.total_steps = state.total_steps
         self.next_step = dict(state.next_step)
         self.restored_from = state.version
+        exited = [int(w) for w in state.extra.get("exited", [])]
+        self.exited |= set(exited)
+        self.done |= set(exited)
         with self.stats.lock:
             self.stats.version = state.version
             self.stats.total_steps = state.total_steps
@@ -222,8 +251,7 @@ class Shard:
             self._report(h, msg)
         elif h.op == Op.DONE:
             self._expect_no_payload(h, msg)
-            self.done.add(h.worker)
-            self._serve_pulls()
+            self.workers_exited([h.worker])
         else:
             raise ProtocolError(ErrorCode.BAD_OP, f"{h.op.name} is not a request")
 
@@ -251,6 +279,7 @@ class Shard:
             )
         self.greeted.add(h.worker)
         self.done.discard(h.worker)  # a restarted worker is back in the game
+        self.exited.discard(h.worker)
         self.mirrors.pop(h.worker, None)  # ... and holds no parameters: next pull is full
         self.stats.record_hello(h.worker)
         # A worker never resumes past its last step (h.step, the job's step count by now): the
@@ -335,9 +364,10 @@ class Shard:
         self.next_step[h.worker] = max(self.next_step.get(h.worker, 0), h.step + 1)
         self.stats.record_push(h.worker)
         if self.mode == "sync":
-            if h.version < self.version or self.finished:
-                # A backup worker lost the race for this step, or this shard already ran
-                # every step (another shard restarted and the workers replay its steps).
+            if h.version < self.version or h.step < self.version or self.finished:
+                # A backup worker lost the race for this step, or the step is closed here
+                # already: another shard restarted from an older checkpoint and the workers
+                # replay its lost steps (steps < version), or this shard ran every step.
                 self.stats.record_drop(h.worker)
                 return
             if h.worker in self.pending:
@@ -345,8 +375,7 @@ class Shard:
             # Kept as received (zero-copy; 1-bit frames are 1/32 of the slice) and summed in
             # worker order at close, so a fixed-seed run is reproducible bit for bit.
             self.pending[h.worker] = list(msg.frames)
-            if len(self.pending) >= self.replicas:
-                self._close_step()
+            self._maybe_close()
             return
         tau = self.version - h.version
         self.stats.record_staleness(tau)
