@@ -9,7 +9,17 @@ import pytest
 import zmq
 
 from sgdjob.api.validation import parse_job
-from sgdjob.protocol import DType, ErrorCode, Flags, Header, Op, Report, parse_header, token_digest
+from sgdjob.protocol import (
+    Compression,
+    DType,
+    ErrorCode,
+    Flags,
+    Header,
+    Op,
+    Report,
+    parse_header,
+    token_digest,
+)
 from sgdjob.shard import Shard
 from sgdjob.slicing import Slice
 from sgdjob.stats import ShardStats
@@ -215,6 +225,53 @@ def test_a_done_worker_whose_gradient_is_pending_still_counts_for_that_step() ->
     shard.handle(push(0, np.zeros(6), 0))
     assert shard.version == 1
     np.testing.assert_array_equal(shard.params, np.zeros(6, np.float32))  # 1 - (2 + 0) / 2
+
+
+def test_a_re_sent_pull_already_answered_with_an_update_gets_the_same_bytes_once() -> None:
+    from sgdjob.compression import decode_into
+
+    shard, sent = make_shard(
+        count=16,
+        steps=10,
+        workers=1,
+        training={"mode": "async"},
+        compression={"kind": "onebit", "bucketSize": 8, "serverToWorker": True},
+    )
+
+    def pull(seq: int) -> Header:
+        shard.handle(msg(Header(op=Op.PULL, token=TOKEN, worker=0, step=seq), ident=b"w0"))
+        return sent.messages[-1][1]
+
+    assert not pull(1).flags & Flags.DELTA  # the first answer is the full parameters
+    held = np.frombuffer(b"".join(sent.messages[-1][2]), np.float32).copy()
+    bits = np.zeros(2, np.uint8)
+    scales = np.array([[-0.5, 0.5], [-0.5, 0.5]], np.float32)
+    h = Header(
+        op=Op.PUSH,
+        token=TOKEN,
+        worker=0,
+        step=0,
+        count=16,
+        nbytes=bits.nbytes + scales.nbytes,
+        nframes=2,
+        dtype=DType.ONEBIT,
+        compression=Compression.ONEBIT,
+        bucket_size=8,
+    )
+    shard.handle(msg(h, [bits.tobytes(), scales.tobytes()], ident=b"w0"))
+    assert pull(2).flags & Flags.DELTA
+    first = sent.messages[-1][2]
+    assert pull(2).flags & Flags.DELTA  # the worker re-sent it: its answer seemed slow
+    assert sent.messages[-1][2] == first  # the same update, encoded once
+    # The worker applies one of the two identical answers: the mirror must match it.
+    decode_into(
+        held,
+        np.frombuffer(first[0], np.uint8),
+        np.frombuffer(first[1], np.float32),
+        count=16,
+        bucket_size=8,
+    )
+    np.testing.assert_array_equal(shard.mirrors[0].mirror, held)
 
 
 def test_the_final_pull_is_answered_only_when_training_is_over() -> None:

@@ -128,6 +128,10 @@ class Shard:
         self.mirrors: dict[int, ParameterMirror] = {}  # worker -> what it holds (serverToWorker)
         self.greeted: set[int] = set()  # workers that said hello to this process
         self.last_pull_seq: dict[int, int] = {}
+        # serverToWorker: the request number each worker was last answered, and that answer
+        # if it was an update (header and bytes), so a re-sent request gets the same bytes.
+        self.answered: dict[int, int] = {}
+        self.last_update: dict[int, tuple[Header, list[bytes]]] = {}
         self.restored_from: int | None = None  # version of the checkpoint this process loaded
         stats.incarnation = incarnation
 
@@ -281,6 +285,8 @@ class Shard:
         self.done.discard(h.worker)  # a restarted worker is back in the game
         self.exited.discard(h.worker)
         self.mirrors.pop(h.worker, None)  # ... and holds no parameters: next pull is full
+        self.answered.pop(h.worker, None)
+        self.last_update.pop(h.worker, None)
         self.stats.record_hello(h.worker)
         # A worker never resumes past its last step (h.step, the job's step count by now): the
         # WELCOME's u64 step field must hold it even after a push that claimed step 2**64 - 1.
@@ -441,6 +447,14 @@ class Shard:
         if self.last_pull_seq.get(h.worker) != h.step:  # a re-sent request is not a new pull
             self.last_pull_seq[h.worker] = h.step
             self.stats.record_pull(h.worker)
+        if self.server_to_worker and self.answered.get(h.worker) == h.step:
+            # Answered already: encoding again would advance the mirror a second time while
+            # the worker applies one answer. Send the same update again, or (after a full
+            # answer, which set the mirror to the parameters of then) nothing.
+            cached = self.last_update.get(h.worker)
+            if cached is not None:
+                self.send(cached[0], cached[1], identity=identity)
+            return
         self.pulls.append(PendingPull(identity, h.worker, h.version, final, h.step))
         self._serve_pulls()
 
@@ -489,20 +503,22 @@ class Shard:
         if self.server_to_worker and mirror is not None and not p.final:
             # The worker holds `mirror`: send the 1-bit update towards the parameters.
             enc = mirror.encode_update(self.params)
-            self.send(
-                header(
-                    nbytes=enc.nbytes,
-                    nframes=2,
-                    dtype=DType.ONEBIT,
-                    compression=Compression.ONEBIT,
-                    bucket_size=self.bucket_size,
-                    flags=flags | Flags.DELTA,
-                ),
-                [enc.bits.data, enc.scales.data],
-                identity=p.identity,
+            h = header(
+                nbytes=enc.nbytes,
+                nframes=2,
+                dtype=DType.ONEBIT,
+                compression=Compression.ONEBIT,
+                bucket_size=self.bucket_size,
+                flags=flags | Flags.DELTA,
             )
+            frames_ = [enc.bits.tobytes(), enc.scales.tobytes()]  # 1/32 of the slice
+            self.answered[p.worker] = p.seq
+            self.last_update[p.worker] = (h, frames_)
+            self.send(h, frames_, identity=p.identity)
             return
         if self.server_to_worker:
+            self.answered[p.worker] = p.seq
+            self.last_update.pop(p.worker, None)
             if mirror is None:
                 self.mirrors[p.worker] = ParameterMirror(self.params, self.bucket_size)
             else:
