@@ -168,7 +168,7 @@ def run_shard_process(contract: ProcessContract, spec: SGDJobSpec, token: bytes)
 
     from sgdjob.checkpoint import CheckpointMismatch, Checkpointer
     from sgdjob.data import dataset_dims
-    from sgdjob.httpstatus import serve_status
+    from sgdjob.httpstatus import CachedChecksum, serve_status
     from sgdjob.models import FlatModel, build_model
     from sgdjob.shard import Shard
     from sgdjob.slicing import partition
@@ -245,13 +245,15 @@ def run_shard_process(contract: ProcessContract, spec: SGDJobSpec, token: bytes)
     last_milestone = shard.milestone()
     status_port = 0
     if contract.status_bind:
+        # The parameters change only with the version: one pass per version at most.
+        params_checksum = CachedChecksum(shard.checksum, key=lambda: shard.version)
 
         def snapshot(checksum: bool = False) -> dict[str, Any]:
             s = stats.status()
             s["bytesSent"] = endpoint.counters.bytes_sent
             s["bytesReceived"] = endpoint.counters.bytes_received
             if checksum:  # a pass over the whole slice: only when asked (?checksum=1)
-                s["paramsChecksum"] = shard.checksum()
+                s["paramsChecksum"] = params_checksum()
             return s
 
         _, status_port = serve_status(contract.status_bind, status=snapshot, job=contract.job_name)
