@@ -92,7 +92,9 @@ def wait_for_checkpoints(run_root: Path, shards: int, timeout: float = 120.0) ->
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for run in run_root.glob("*/checkpoints"):
-            if not run.parent.is_symlink() and all(any((run / f"shard-{k}").glob("ckpt-*")) for k in range(shards)):
+            if not run.parent.is_symlink() and all(
+                any((run / f"shard-{k}").glob("ckpt-*")) for k in range(shards)
+            ):
                 return run.parent
         time.sleep(0.1)
     raise AssertionError(f"no checkpoint of every shard under {run_root}")
@@ -208,9 +210,7 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGKILL])
-def test_every_child_stops_when_the_launcher_is_stopped_or_killed(
-    tmp_path: Path, sig: int
-) -> None:
+def test_every_child_stops_when_the_launcher_is_stopped_or_killed(tmp_path: Path, sig: int) -> None:
     write_job(tmp_path, small_job("stopme", training={"maxSteps": 100000}))
     proc = subprocess.Popen(
         [sys.executable, "-m", "sgdjob", "run", "job.yaml", "--no-progress"],

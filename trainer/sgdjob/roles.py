@@ -282,8 +282,10 @@ def run_shard_process(contract: ProcessContract, spec: SGDJobSpec, token: bytes)
                     # Also saved when a worker is done or the training finished: a shard
                     # restored after workers exited must not wait for steps nobody will send.
                     milestone = shard.milestone()
-                    if ckpt is not None and every and (
-                        shard.version - last_saved >= every or milestone != last_milestone
+                    if (
+                        ckpt is not None
+                        and every
+                        and (shard.version - last_saved >= every or milestone != last_milestone)
                     ):
                         # Synchronous on purpose: once version v is acknowledged, a crash
                         # loses at most `every` versions, never a half-written file.
