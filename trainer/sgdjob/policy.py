@@ -89,7 +89,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from sgdjob.api.types import ReplicaSupervision, SGDJobSpec, SupervisionStatus
-from sgdjob.contract import RETRYABLE_EXIT_CODES
+from sgdjob.contract import EXIT_MEANINGS, RETRYABLE_EXIT_CODES
 
 Role = Literal["ps", "worker"]
 Phase = Literal["Pending", "Running", "Succeeded", "Failed", "Terminating"]
@@ -212,7 +212,8 @@ def is_retryable(exit_code: int | None, reason: str) -> bool:
 def describe_exit(exit_code: int | None, reason: str) -> str:
     parts = []
     if exit_code is not None:
-        parts.append(f"exit code {exit_code}")
+        meaning = EXIT_MEANINGS.get(exit_code) if exit_code else None
+        parts.append(f"exit code {exit_code}" + (f": {meaning}" if meaning else ""))
     if reason:
         parts.append(reason)
     return ", ".join(parts) or "no exit code"

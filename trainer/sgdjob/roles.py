@@ -9,7 +9,8 @@ How long a process waits for a peer (a shard for any message, a worker for a rep
 job's own deadline, ``supervision.activeDeadlineSeconds``: the executor fails the job then
 anyway. Without one it waits as long as the executor keeps it (a restarted or Pending peer
 may take any time to come back; ``preRunningDeadlineSeconds`` bounds the Pending part).
-``SGDJOB_COMM_TIMEOUT`` (seconds) overrides it, for tests.
+``SGDJOB_COMM_TIMEOUT`` (workers) and ``SGDJOB_IDLE_TIMEOUT`` (shards), in seconds, override
+it, for tests.
 """
 
 from __future__ import annotations
@@ -43,12 +44,15 @@ from sgdjob.transport import CurveClient, CurveServer
 
 log = logging.getLogger("sgdjob.roles")
 
-ENV_COMM_TIMEOUT = "SGDJOB_COMM_TIMEOUT"
+ENV_COMM_TIMEOUT = "SGDJOB_COMM_TIMEOUT"  # a worker's wait for a shard's reply
+ENV_IDLE_TIMEOUT = "SGDJOB_IDLE_TIMEOUT"  # a shard's wait for any message
 
 
-def peer_timeout_s(spec: SGDJobSpec, env: Mapping[str, str] | None = None) -> float | None:
+def peer_timeout_s(
+    spec: SGDJobSpec, override: str = ENV_COMM_TIMEOUT, env: Mapping[str, str] | None = None
+) -> float | None:
     """How long to wait for a peer before exiting EXIT_PEER; None: as long as it takes."""
-    raw = (os.environ if env is None else env).get(ENV_COMM_TIMEOUT, "")
+    raw = (os.environ if env is None else env).get(override, "")
     if raw:
         return float(raw)
     deadline = spec.supervision.active_deadline_seconds
@@ -268,7 +272,7 @@ def run_shard_process(contract: ProcessContract, spec: SGDJobSpec, token: bytes)
         concrete,
     )
     metrics = MetricsWriter(Path(contract.output_dir), stats) if k == 0 else None
-    idle_s = peer_timeout_s(spec)
+    idle_s = peer_timeout_s(spec, ENV_IDLE_TIMEOUT)
     last_msg = time.monotonic()
     try:
         while True:
