@@ -115,7 +115,7 @@ def test_a_bad_quantity_is_named_by_its_path(qty: str, message: str) -> None:
 
 
 def test_a_request_above_its_limit_is_refused() -> None:
-    with pytest.raises(SpecError, match="requests.cpu: must be less than or equal"):
+    with pytest.raises(SpecError, match=r"requests\.cpu: must be less than or equal"):
         parse_job(with_resources({"cpu": "1500m"}, {"cpu": "1"}))
     parse_job(with_resources({"cpu": "1000m", "memory": "1Gi"}, {"cpu": 1, "memory": "1024Mi"}))
 

@@ -1,15 +1,16 @@
 """Shard checkpoints: a slice's parameters and optimizer state on disk, atomically, checksummed.
 
 File ``<dir>/ckpt-<version:012d>-<run tag>.sgdckpt`` (the tag: 12 hex digits of the SHA-256
-of the run id, so a checkpoint names the run it belongs to; a process without a run id, under
-an executor older than run ids, writes ``ckpt-<version:012d>.sgdckpt``), written with ``output.atomic_write`` (temporary
-file, fsync, rename, directory fsync) so a crash leaves either the old set or the new file:
+of the run id, so a file names the run it belongs to; without a run id the name is
+``ckpt-<version:012d>.sgdckpt``), written with ``output.atomic_write`` (temporary file, fsync,
+rename, directory fsync) so a crash leaves either the old set or the new file:
 
     magic b"SGDJCKPT" | u32 header length | header (JSON) | array bytes ...
 
-The header names the run (``run``: its id and spec hash, ``sgdjob.runs``), the format version, the shard, its slice (offset, count), the parameter
-version, the job's steps per worker, per-worker resume steps, the coordinator's counters,
-each array's name, dtype, length and byte offset, and the SHA-256 of all array bytes. Nothing
+The header names the format version, the shard, its slice (offset, count), the parameter
+version, the job's steps per worker, per-worker resume steps, the coordinator's counters and
+the run (``extra.run``: its id and spec hash, see ``sgdjob.runs``), each array's name, dtype,
+length and byte offset, and the SHA-256 of all array bytes. Nothing
 is unpickled. ``load_latest`` walks the files newest first and returns the first that parses,
 matches the slice and whose checksum holds; truncated or corrupt files are logged and skipped.
 

@@ -67,7 +67,7 @@ class BoundedHTTPServer(HTTPServer):
     def _handle(self, request: Any, client_address: Any) -> None:
         try:
             self.finish_request(request, client_address)
-        except Exception:  # noqa: BLE001 - one bad client must not kill the server
+        except Exception:
             self.handle_error(request, client_address)
         finally:
             self.shutdown_request(request)

@@ -170,7 +170,7 @@ def run_shard_process(contract: ProcessContract, spec: SGDJobSpec, token: bytes)
     import torch
     import zmq
 
-    from sgdjob.checkpoint import CheckpointMismatch, Checkpointer
+    from sgdjob.checkpoint import Checkpointer, CheckpointMismatch
     from sgdjob.data import dataset_dims
     from sgdjob.httpstatus import CachedChecksum, serve_status
     from sgdjob.models import FlatModel, build_model

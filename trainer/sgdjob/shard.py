@@ -175,7 +175,7 @@ class Shard:
         if self.rule.odena is not None:
             arrays["odenaMeanAbs"] = self.rule.odena.mean_abs
         with self.stats.lock:
-            extra = {"samples": self.stats.samples, "started": self.stats.started}
+            extra: dict[str, Any] = {"samples": self.stats.samples, "started": self.stats.started}
         extra["exited"] = sorted(self.exited)
         return ShardState(
             shard=self.slice.shard,

@@ -77,14 +77,14 @@ def stop_signals() -> Iterator[None]:
     def raise_stopped(signum: int, _frame: FrameType | None) -> None:
         raise Stopped(signum)
 
-    previous: dict[int, Any] = {}
-    for sig in STOP_SIGNALS:
-        previous[sig] = signal.signal(sig, raise_stopped)
+    previous: dict[signal.Signals, Any] = {}
+    for stop in STOP_SIGNALS:
+        previous[stop] = signal.signal(stop, raise_stopped)
     try:
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for stop, handler in previous.items():
+            signal.signal(stop, handler)
 
 
 @contextlib.contextmanager

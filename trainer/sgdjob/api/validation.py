@@ -230,7 +230,7 @@ class StrictLoader(yaml.SafeLoader):
 def parse_job_text(text: str, *, source: str = "<input>") -> SGDJob:
     """Parse YAML/JSON text holding exactly one SGDJob document; duplicate keys are errors."""
     try:
-        docs = [d for d in yaml.load_all(text, Loader=StrictLoader) if d is not None]  # noqa: S506
+        docs = [d for d in yaml.load_all(text, Loader=StrictLoader) if d is not None]
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
