@@ -241,3 +241,26 @@ def test_every_child_stops_when_the_launcher_is_stopped_or_killed(tmp_path: Path
             if _alive(c):
                 os.kill(c, signal.SIGKILL)
     assert proc.returncode == (-sig if sig == signal.SIGKILL else 128 + sig)
+
+
+def test_a_resumed_run_whose_shards_saved_different_versions_replays_from_the_oldest(
+    tmp_path: Path,
+) -> None:
+    # Interrupted between two shards' saves: shard 1's newest checkpoint is older than shard
+    # 0's. The workers resume at the oldest version, and shard 0 drops the steps it closed.
+    doc = small_job("skewed", training={"maxSteps": 400}, checkpoint={"every": 10})
+    run = interrupted_run(tmp_path, doc)
+    shard1 = sorted((run / "checkpoints" / "shard-1").glob("ckpt-*.sgdckpt"))
+    if len(shard1) > 1:
+        shard1[-1].unlink()
+    res, _ = sgdjob_run(tmp_path, "--resume", run.name)
+    assert res.returncode == 0, res.stderr
+    versions = [
+        int(line.rsplit("restored version ", 1)[1].split()[0])
+        for k in (0, 1)
+        for line in _read(run / "logs" / f"ps-{k}.log").splitlines()
+        if "restored version" in line
+    ]
+    assert len(versions) == 2
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["version"] == 400 and summary["finalAccuracy"] > 0.9

@@ -187,8 +187,11 @@ class ShardClient:
             ]
         if self.server_to_worker:
             self.recon = np.zeros(total_size, dtype=np.float32)
+        # Shards restored from checkpoints may stand at different versions (a resumed run,
+        # interrupted between two shards' saves): resume at the oldest; the others drop the
+        # replayed steps they already closed.
         return Welcome(
-            slice=slices[0], version=min(versions), incarnation=incs[0], resume_step=steps[0]
+            slice=slices[0], version=min(versions), incarnation=incs[0], resume_step=min(steps)
         )
 
     def _send_hello(self, k: int) -> None:
