@@ -88,19 +88,23 @@ def test_running_a_job_twice_in_one_output_directory_trains_twice_from_step_zero
     assert all(torch.equal(m0[k], m1[k]) for k in m0)
 
 
-def wait_for_checkpoints(run_root: Path, shards: int, timeout: float = 120.0) -> Path:
+def wait_for_checkpoints(
+    run_root: Path, shards: int, *, files: int = 1, timeout: float = 120.0
+) -> Path:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for run in run_root.glob("*/checkpoints"):
             if not run.parent.is_symlink() and all(
-                any((run / f"shard-{k}").glob("ckpt-*")) for k in range(shards)
+                len(list((run / f"shard-{k}").glob("ckpt-*"))) >= files for k in range(shards)
             ):
                 return run.parent
         time.sleep(0.1)
     raise AssertionError(f"no checkpoint of every shard under {run_root}")
 
 
-def interrupted_run(tmp_path: Path, doc: dict[str, Any], sig: int = signal.SIGTERM) -> Path:
+def interrupted_run(
+    tmp_path: Path, doc: dict[str, Any], sig: int = signal.SIGTERM, *, files: int = 1
+) -> Path:
     """Start `sgdjob run`, stop the launcher with ``sig`` once every shard checkpointed."""
     write_job(tmp_path, doc)
     proc = subprocess.Popen(
@@ -111,7 +115,9 @@ def interrupted_run(tmp_path: Path, doc: dict[str, Any], sig: int = signal.SIGTE
         text=True,
     )
     try:
-        run = wait_for_checkpoints(tmp_path / "runs" / doc["metadata"]["name"], shards=2)
+        run = wait_for_checkpoints(
+            tmp_path / "runs" / doc["metadata"]["name"], shards=2, files=files
+        )
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
     finally:
@@ -248,11 +254,18 @@ def test_a_resumed_run_whose_shards_saved_different_versions_replays_from_the_ol
 ) -> None:
     # Interrupted between two shards' saves: shard 1's newest checkpoint is older than shard
     # 0's. The workers resume at the oldest version, and shard 0 drops the steps it closed.
-    doc = small_job("skewed", training={"maxSteps": 400}, checkpoint={"every": 10})
-    run = interrupted_run(tmp_path, doc)
-    shard1 = sorted((run / "checkpoints" / "shard-1").glob("ckpt-*.sgdckpt"))
-    if len(shard1) > 1:
-        shard1[-1].unlink()
+    doc = small_job("skewed", training={"maxSteps": 400}, checkpoint={"every": 10, "keep": 3})
+    run = interrupted_run(tmp_path, doc, files=3)
+
+    def saved(k: int) -> list[tuple[int, Path]]:
+        files = (run / "checkpoints" / f"shard-{k}").glob("ckpt-*.sgdckpt")
+        return sorted((int(p.name.split("-")[1].split(".")[0]), p) for p in files)
+
+    newest0 = saved(0)[-1][0]
+    for version, path in saved(1):  # shard 1's sync versions are within a step of shard 0's
+        if version >= newest0:
+            path.unlink()
+    assert saved(1), "shard 1 must keep an older checkpoint"
     res, _ = sgdjob_run(tmp_path, "--resume", run.name)
     assert res.returncode == 0, res.stderr
     versions = [
@@ -261,6 +274,6 @@ def test_a_resumed_run_whose_shards_saved_different_versions_replays_from_the_ol
         for line in _read(run / "logs" / f"ps-{k}.log").splitlines()
         if "restored version" in line
     ]
-    assert len(versions) == 2
+    assert len(versions) == 2 and versions[0] > versions[1]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["version"] == 400 and summary["finalAccuracy"] > 0.9
