@@ -21,20 +21,22 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 class OperatorMetrics:
     """Counters and gauges of one operator process."""
 
-    job_phase: dict[tuple[str, str], str] = field(default_factory=dict)
+    # By job uid: a job deleted and created again under its name is another job.
+    job_phase: dict[str, str] = field(default_factory=dict)
     restarts: int = 0
     replacements: int = 0
     children_created: int = 0
+    api_requests: int = 0  # the operator's own API calls (not Kopf's watches and patches)
     reconciles: int = 0
     reconcile_errors: int = 0
     latency_buckets: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))
     latency_sum: float = 0.0
 
-    def set_phase(self, namespace: str, name: str, phase: str) -> None:
-        self.job_phase[(namespace, name)] = phase
+    def set_phase(self, uid: str, phase: str) -> None:
+        self.job_phase[uid] = phase
 
-    def forget(self, namespace: str, name: str) -> None:
-        self.job_phase.pop((namespace, name), None)
+    def forget(self, uid: str) -> None:
+        self.job_phase.pop(uid, None)
 
     def observe_reconcile(self, seconds: float, *, error: bool = False) -> None:
         self.reconciles += 1
@@ -61,6 +63,9 @@ class OperatorMetrics:
             "# HELP sgdjob_operator_children_created_total Children (pods, config) created.",
             "# TYPE sgdjob_operator_children_created_total counter",
             f"sgdjob_operator_children_created_total {self.children_created}",
+            "# HELP sgdjob_operator_api_requests_total API calls made by the operator's client.",
+            "# TYPE sgdjob_operator_api_requests_total counter",
+            f"sgdjob_operator_api_requests_total {self.api_requests}",
             "# HELP sgdjob_operator_reconcile_errors_total Reconcile passes that raised.",
             "# TYPE sgdjob_operator_reconcile_errors_total counter",
             f"sgdjob_operator_reconcile_errors_total {self.reconcile_errors}",
