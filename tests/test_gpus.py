@@ -40,7 +40,7 @@ def test_a_local_job_short_of_gpus_starts_no_process(
     with pytest.raises(LaunchError, match=r"spec\.workers\.gpus: .*2 GPU"):
         local.start()
     assert not local.shards and not local.workers
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out" / "logs").exists()
 
 
 def test_more_than_one_gpu_per_worker_is_rejected_by_the_spec() -> None:
