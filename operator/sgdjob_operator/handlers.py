@@ -2,7 +2,9 @@
 
 ``build_registry(config)`` registers, on a fresh ``kopf.OperatorRegistry``:
 
-- a login handler (the given connection in tests, else service account or kubeconfig);
+- a login handler: the same credentials the operator's own client uses
+  (``kube.api_configuration``), read again each time Kopf logs in (after a 401), so a
+  rotated token is picked up by both;
 - ``sgdjob_pods``, a Kopf index of this operator's pods by (namespace, job), fed by Kopf's pod
   watch: reconciling reads it instead of listing pods, so 500 jobs cost no O(jobs x pods)
   list calls. A pod event also wakes its job's reconcile loop;
@@ -31,11 +33,12 @@ import kopf
 
 from sgdjob.api.types import API_GROUP, API_VERSION_NAME, PLURAL
 from sgdjob_operator import manifests as mf
-from sgdjob_operator.kube import connection_from_kopf
+from sgdjob_operator.kube import api_configuration, bearer_token
 from sgdjob_operator.reconcile import (
     TERMINAL,
     OperatorConfig,
     OperatorState,
+    Pass,
     reconcile_once,
     wait_ttl,
 )
@@ -66,16 +69,16 @@ def build_registry(config: OperatorConfig) -> tuple[kopf.OperatorRegistry, Opera
         await state.close()
 
     @kopf.on.login(registry=registry)
-    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-        info: kopf.ConnectionInfo | None
-        if config.connection is not None:
-            c = config.connection
-            info = kopf.ConnectionInfo(server=c.server, token=c.token, insecure=c.insecure)
-        else:
-            info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
-        if info is not None:
-            state.connection = connection_from_kopf(info)
-        return info
+    def login(**_: Any) -> kopf.ConnectionInfo:
+        cfg = api_configuration(config.credentials)
+        return kopf.ConnectionInfo(
+            server=cfg.host,
+            ca_path=cfg.ssl_ca_cert,
+            insecure=not cfg.verify_ssl,
+            token=bearer_token(cfg),
+            certificate_path=cfg.cert_file,
+            private_key_path=cfg.key_file,
+        )
 
     @kopf.index(
         "", "v1", "pods", id=POD_INDEX, labels={mf.LABEL_JOB: kopf.PRESENT}, registry=registry
@@ -85,7 +88,7 @@ def build_registry(config: OperatorConfig) -> tuple[kopf.OperatorRegistry, Opera
     ) -> dict[tuple[str, str], dict[str, Any]]:
         namespace = namespace or ""
         job = labels[mf.LABEL_JOB]
-        runtime = state.jobs.get((namespace, job))
+        runtime = state.by_name(namespace, job)
         if runtime is not None:
             runtime.wake.set()  # a pod changed: reconcile now, not at the next resync
         node = (body.get("spec") or {}).get("nodeName")
@@ -117,32 +120,43 @@ def build_registry(config: OperatorConfig) -> tuple[kopf.OperatorRegistry, Opera
         if namespace is None:
             return  # SGDJobs are namespaced; a cluster-scoped body is not ours
         ref = mf.JobRef(name=name, namespace=namespace, uid=uid)
-        runtime = state.runtime(namespace, name)
+        runtime = state.runtime(ref)
         index = kwargs[POD_INDEX]
+        errors = 0
         try:
             while not stopped:
                 runtime.wake.clear()
                 started = time.perf_counter()
                 error = False
-                finished, in_flight = False, False
+                result = Pass()
                 try:
                     pods = list(index.get((namespace, name), []))
-                    finished, in_flight = await reconcile_once(state, ref, body, pods, runtime)
+                    result = await reconcile_once(state, ref, body, pods, runtime)
+                    errors = 0
                 except Exception as err:
                     error = True
+                    errors += 1
                     logger.exception(f"reconcile failed: {err}")
                 finally:
                     config.metrics.observe_reconcile(time.perf_counter() - started, error=error)
-                if finished:
+                if result.finished:
                     await wait_ttl(state, ref, runtime)
                     return
-                timeout = config.resync_seconds / 4 if in_flight or error else config.resync_seconds
+                if result.retry_after is not None:
+                    # Backing off after a refusal: a pod event must not cut the wait short.
+                    await asyncio.sleep(result.retry_after)
+                    continue
+                if error:  # a bug or an outage, not a refusal: back off as well
+                    delay = config.resync_seconds * 2 ** min(errors - 1, 5)
+                    await asyncio.sleep(min(delay, config.max_backoff_seconds))
+                    continue
+                timeout = config.resync_seconds / 4 if result.in_flight else config.resync_seconds
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(runtime.wake.wait(), timeout=timeout)
         finally:
-            if stopped:
-                state.jobs.pop((namespace, name), None)
-                config.metrics.forget(namespace, name)
+            # However the daemon ends (stopped, finished, deleted job), its state goes: a job
+            # created again under this name has another uid and starts from nothing.
+            state.forget(ref)
 
     @kopf.timer(
         API_GROUP,
@@ -157,7 +171,7 @@ def build_registry(config: OperatorConfig) -> tuple[kopf.OperatorRegistry, Opera
     ) -> None:
         if namespace is None:
             return
-        runtime = state.jobs.get((namespace, name))
+        runtime = state.jobs.get(uid)
         if runtime is None or runtime.spec is None or state.http is None:
             return
         if runtime.status is not None and runtime.status.phase in TERMINAL:

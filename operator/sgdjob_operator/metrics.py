@@ -21,7 +21,8 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 class OperatorMetrics:
     """Counters and gauges of one operator process."""
 
-    job_phase: dict[tuple[str, str], str] = field(default_factory=dict)
+    # By job uid: a job deleted and created again under its name is another job.
+    job_phase: dict[str, str] = field(default_factory=dict)
     restarts: int = 0
     replacements: int = 0
     children_created: int = 0
@@ -30,11 +31,11 @@ class OperatorMetrics:
     latency_buckets: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))
     latency_sum: float = 0.0
 
-    def set_phase(self, namespace: str, name: str, phase: str) -> None:
-        self.job_phase[(namespace, name)] = phase
+    def set_phase(self, uid: str, phase: str) -> None:
+        self.job_phase[uid] = phase
 
-    def forget(self, namespace: str, name: str) -> None:
-        self.job_phase.pop((namespace, name), None)
+    def forget(self, uid: str) -> None:
+        self.job_phase.pop(uid, None)
 
     def observe_reconcile(self, seconds: float, *, error: bool = False) -> None:
         self.reconciles += 1

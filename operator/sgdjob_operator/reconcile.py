@@ -27,15 +27,17 @@ from sgdjob.api.validation import SpecError, parse_job
 from sgdjob.curvekeys import JobKeys
 from sgdjob.policy import Create, Decision, Delete, Fail, Recreate, Succeed, cleanup_targets, decide
 from sgdjob_operator import manifests as mf
-from sgdjob_operator.kube import Connection, KubeClient
+from sgdjob_operator.kube import Credentials, KubeClient, KubeError
 from sgdjob_operator.metrics import OperatorMetrics
-from sgdjob_operator.observe import format_time, is_ready, observe_pods, parse_time
+from sgdjob_operator.observe import format_time, is_ready, observe_pods, owned_by, parse_time
 from sgdjob_operator.status import (
     CoordinatorReport,
+    blocked_status,
     failed_status,
     load_status,
     next_status,
     status_body,
+    unblocked_status,
 )
 
 TERMINAL = ("Succeeded", "Failed")
@@ -55,8 +57,10 @@ class OperatorConfig:
     resync_seconds: float = 2.0
     poll_seconds: float = 3.0
     coordinator_timeout: float = 2.0
-    # Given: log in to exactly this server (tests, benchmarks). None: Kopf's usual sources.
-    connection: Connection | None = None
+    # Given: log in with exactly these (tests, benchmarks). None: in-cluster, else kubeconfig.
+    credentials: Credentials | None = None
+    # Backoff after a refused action: resync_seconds x 2^(n-1), at most this.
+    max_backoff_seconds: float = 60.0
     metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
 
     def url_for(self, ref: mf.JobRef, spec: SGDJobSpec) -> str:
@@ -67,31 +71,60 @@ class OperatorConfig:
 
 @dataclass
 class JobRuntime:
-    """In-memory state of one job in this process: rebuilt from the cluster on restart."""
+    """In-memory state of one job (one uid) in this process: rebuilt from the cluster on
+    restart, dropped when the job's daemon ends."""
 
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     spec: SGDJobSpec | None = None
     status: SGDJobStatus | None = None
     report: CoordinatorReport | None = None
     base_ready: bool = False
+    failures: int = 0  # consecutive passes with a refused action (backoff)
+    shown: str = ""  # the Blocked message last posted as an Event (post each new one once)
+
+
+@dataclass(frozen=True)
+class Pass:
+    """What one reconcile pass tells the daemon loop."""
+
+    finished: bool = False
+    in_flight: bool = False
+    retry_after: float | None = None  # set after a refused action: back off this long
+
+
+class Blocked(Exception):
+    """A child's name is held by an object this job does not own (e.g. a deleted job's
+    ConfigMap the garbage collector has not removed yet): wait, never adopt it."""
 
 
 @dataclass
 class OperatorState:
     config: OperatorConfig
-    jobs: dict[tuple[str, str], JobRuntime] = field(default_factory=dict)
+    # By job uid: a job deleted and created again under its name is another job, another run.
+    jobs: dict[str, JobRuntime] = field(default_factory=dict)
+    # (namespace, name) -> the uid of the job that has that name now; pod events wake it.
+    names: dict[tuple[str, str], str] = field(default_factory=dict)
     client: KubeClient | None = None
-    connection: Connection | None = None
     http: aiohttp.ClientSession | None = None
 
-    def runtime(self, namespace: str, name: str) -> JobRuntime:
-        return self.jobs.setdefault((namespace, name), JobRuntime())
+    def runtime(self, ref: mf.JobRef) -> JobRuntime:
+        self.names[(ref.namespace, ref.name)] = ref.uid
+        return self.jobs.setdefault(ref.uid, JobRuntime())
+
+    def by_name(self, namespace: str, name: str) -> JobRuntime | None:
+        uid = self.names.get((namespace, name))
+        return self.jobs.get(uid) if uid is not None else None
+
+    def forget(self, ref: mf.JobRef) -> None:
+        """Drop a job's state when its daemon ends, however it ends."""
+        self.jobs.pop(ref.uid, None)
+        if self.names.get((ref.namespace, ref.name)) == ref.uid:
+            del self.names[(ref.namespace, ref.name)]
+        self.config.metrics.forget(ref.uid)
 
     def kube(self) -> KubeClient:
         if self.client is None:
-            if self.connection is None:
-                raise RuntimeError("the operator has not logged in yet")
-            self.client = KubeClient(self.connection)
+            self.client = KubeClient(self.config.credentials)
         return self.client
 
     async def close(self) -> None:
@@ -123,10 +156,35 @@ async def post_event(
         log.warning("%s/%s: could not post event %s: %s", ref.namespace, ref.name, reason, err)
 
 
+async def create_owned(
+    client: KubeClient, ref: mf.JobRef, plural: str, body: Mapping[str, Any]
+) -> bool:
+    """Create a child; True if made now, False if this job already owns one of that name.
+
+    Raises :class:`Blocked` when the name is held by an object of another owner (a deleted
+    job's leftover the garbage collector has not removed yet, or a stranger's): it is never
+    adopted.
+    """
+    if await client.create(ref.namespace, plural, body):
+        return True
+    name = str((body.get("metadata") or {}).get("name"))
+    existing = await client.get(ref.namespace, plural, name)
+    if existing is None:
+        raise Blocked(f"{plural}/{name} was being deleted; creating it again on the next pass")
+    if owned_by(existing, ref):
+        return False
+    owners = [
+        f"{o.get('kind')}/{o.get('name')} (uid {o.get('uid')})"
+        for o in (existing.get("metadata") or {}).get("ownerReferences") or []
+    ]
+    held = "owned by " + ", ".join(owners) if owners else "not owned by this job"
+    raise Blocked(f"{plural}/{name} already exists, {held}; waiting for it to be removed")
+
+
 async def ensure_base(
     client: KubeClient, ref: mf.JobRef, spec: SGDJobSpec, metrics: OperatorMetrics
 ) -> None:
-    """ConfigMap, token Secret and Service; 409 means a previous pass made them."""
+    """ConfigMap, token Secret and Service, each owned by this job (uid checked)."""
     for plural, body in (
         ("configmaps", mf.config_map(ref, spec)),
         # Made once per job (a later pass gets 409 and keeps the first keys).
@@ -139,7 +197,7 @@ async def ensure_base(
         ("services", mf.service(ref, spec)),
     ):
         # Await first: `x += await f()` reads x before awaiting and loses concurrent updates.
-        created = await client.create(ref.namespace, plural, body)
+        created = await create_owned(client, ref, plural, body)
         metrics.children_created += int(created)
 
 
@@ -165,7 +223,12 @@ async def execute(
         elif isinstance(a, (Create, Recreate)):
             name = mf.pod_name(ref.name, a.role, a.index)
             if isinstance(a, Recreate):
-                await client.delete(ref.namespace, "pods", name, grace_seconds=0)
+                # A straggler still runs: it gets its grace period, and its replacement is
+                # created only once the old pod is gone (a pod name is unique, so until then
+                # the create below answers 409 and this pass is retried): never two copies of
+                # one worker. A failed replica has exited already; nothing to wait for.
+                grace = None if a.straggler else 0
+                await client.delete(ref.namespace, "pods", name, grace_seconds=grace)
                 if a.straggler:
                     metrics.replacements += 1
                     text = f"replaced {name} as attempt {a.attempt} avoiding {a.avoid_nodes}: "
@@ -189,11 +252,11 @@ async def execute(
                 settings=settings,
                 avoid_nodes=a.avoid_nodes,
             )
-            if await client.create(ref.namespace, "pods", body):
+            if await create_owned(client, ref, "pods", body):
                 created.append(name)
                 metrics.children_created += 1
             else:
-                pending = True  # the old pod is still terminating; try again next pass
+                pending = True  # our older attempt is still terminating; try again next pass
     if created:
         await post_event(
             client,
@@ -247,12 +310,58 @@ async def reconcile_once(
     body: Mapping[str, Any],
     pods: list[Mapping[str, Any]],
     runtime: JobRuntime,
-) -> tuple[bool, bool]:
-    """One pass. Returns (finished, in_flight)."""
+) -> Pass:
+    """One pass: validate, make the base children, observe, decide, persist, act.
+
+    An action the API server refuses (403, 422, a quota, ...) or a child name held by another
+    owner does not end the job: the server's message goes into ``status.message``, a
+    ``Blocked`` condition and one Event, and the pass is retried with exponential backoff.
+    """
     client = state.kube()
-    metrics = state.config.metrics
     previous = runtime.status or load_status(body.get("status"))
     runtime.status = previous
+    try:
+        result = await _reconcile(state, ref, body, pods, runtime, previous)
+    except (KubeError, Blocked) as err:
+        await _show_blocked(client, ref, runtime, err)
+        runtime.failures += 1
+        delay = state.config.resync_seconds * 2 ** (runtime.failures - 1)
+        return Pass(retry_after=min(delay, state.config.max_backoff_seconds))
+    runtime.failures = 0
+    runtime.shown = ""
+    return result
+
+
+async def _show_blocked(
+    client: KubeClient, ref: mf.JobRef, runtime: JobRuntime, err: Exception
+) -> None:
+    if isinstance(err, KubeError):
+        reason = "Forbidden" if err.status == 403 else "APIError"
+        message = f"the API server refused to {err.action}: {err.status} {err.message}"
+    else:
+        reason, message = "WaitingForName", str(err)
+    log.warning("%s/%s: %s", ref.namespace, ref.name, message)
+    assert runtime.status is not None
+    status = blocked_status(runtime.status, reason=reason, message=message, now=format_time(_now()))
+    try:
+        await write_status(client, ref, runtime, status)
+    except KubeError as status_err:  # e.g. no right to write status either: the Event says it
+        log.warning("%s/%s: could not write status: %s", ref.namespace, ref.name, status_err)
+    if message != runtime.shown:
+        await post_event(client, ref, warning=True, reason=reason, message=message)
+        runtime.shown = message
+
+
+async def _reconcile(
+    state: OperatorState,
+    ref: mf.JobRef,
+    body: Mapping[str, Any],
+    pods: list[Mapping[str, Any]],
+    runtime: JobRuntime,
+    previous: SGDJobStatus,
+) -> Pass:
+    client = state.kube()
+    metrics = state.config.metrics
     now = _now()
     if runtime.spec is None:
         try:
@@ -265,15 +374,15 @@ async def reconcile_once(
                 )
                 await write_status(client, ref, runtime, status)
                 await post_event(client, ref, warning=True, reason="InvalidSpec", message=message)
-            metrics.set_phase(ref.namespace, ref.name, "Failed")
-            return True, False
+            metrics.set_phase(ref.uid, "Failed")
+            return Pass(finished=True)
     spec = runtime.spec
     if previous.phase in TERMINAL:
         # Resumed after finishing (e.g. the operator restarted mid clean-up): clean up again,
         # idempotently; the caller then honours the TTL.
-        metrics.set_phase(ref.namespace, ref.name, previous.phase)
+        metrics.set_phase(ref.uid, previous.phase)
         await clean_up(client, ref, spec, pods)
-        return True, False
+        return Pass(finished=True)
     if not runtime.base_ready:
         await ensure_base(client, ref, spec, metrics)
         runtime.base_ready = True
@@ -304,12 +413,14 @@ async def reconcile_once(
     # Persist the counters before acting: a crash in between repeats an action, never
     # forgets a restart it already made.
     await write_status(client, ref, runtime, status)
-    metrics.set_phase(ref.namespace, ref.name, status.phase)
+    metrics.set_phase(ref.uid, status.phase)
     if status.phase in TERMINAL:
         await finish(client, ref, spec, decision, pods)
-        return True, False
+        return Pass(finished=True)
     in_flight = await execute(client, state, ref, spec, decision)
-    return False, in_flight
+    # Every action went through: a Blocked condition from an earlier pass is over.
+    await write_status(client, ref, runtime, unblocked_status(status, now=format_time(now)))
+    return Pass(in_flight=in_flight)
 
 
 def validate_job(name: str, raw_spec: Mapping[str, Any]) -> SGDJobSpec:

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from sgdjob.api.types import Condition, SGDJobStatus, SupervisionStatus
 from sgdjob.policy import Decision, Fail, Progress, SetCondition, Succeed
 
-ConditionType = Literal["Created", "Running", "Restarting", "Succeeded", "Failed"]
+ConditionType = Literal["Created", "Running", "Restarting", "Succeeded", "Failed", "Blocked"]
 
 
 @dataclass(frozen=True)
@@ -204,6 +204,33 @@ def failed_status(
             "observed_generation": generation,
         }
     )
+
+
+def blocked_status(previous: SGDJobStatus, *, reason: str, message: str, now: str) -> SGDJobStatus:
+    """An action the API server refused, or a name held by another object: shown, not fatal.
+
+    The phase stays; the ``Blocked`` condition and ``message`` carry the server's words until
+    a pass goes through (:func:`unblocked_status`).
+    """
+    conditions = set_condition(
+        previous.conditions, type_="Blocked", status="True", reason=reason, message=message, now=now
+    )
+    return previous.model_copy(update={"message": message, "conditions": conditions})
+
+
+def unblocked_status(previous: SGDJobStatus, *, now: str) -> SGDJobStatus:
+    """Clear a ``Blocked`` condition after a pass whose every action went through."""
+    if not any(c.type == "Blocked" and c.status == "True" for c in previous.conditions):
+        return previous
+    conditions = set_condition(
+        previous.conditions,
+        type_="Blocked",
+        status="False",
+        reason="Unblocked",
+        message="",
+        now=now,
+    )
+    return previous.model_copy(update={"conditions": conditions})
 
 
 def status_body(status: SGDJobStatus) -> dict[str, Any]:

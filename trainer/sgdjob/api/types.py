@@ -266,7 +266,7 @@ class Condition(BaseModel):
 
     model_config = ConfigDict(populate_by_name=True, alias_generator=to_camel, frozen=True)
 
-    type: Literal["Created", "Running", "Restarting", "Succeeded", "Failed"]
+    type: Literal["Created", "Running", "Restarting", "Succeeded", "Failed", "Blocked"]
     status: Literal["True", "False", "Unknown"]
     reason: str = ""
     message: str = ""
