@@ -89,7 +89,11 @@ has_docker_image() { "$DOCKER" image inspect "$1" >/dev/null 2>&1; }
 
 ctr_() { ctr --address "$CONTAINERD_SOCK" --namespace k8s.io "$@"; }
 
-in_containerd() { ctr_ images ls -q 2>/dev/null | grep -qxF "docker.io/$1"; }
+in_containerd() {  # (no `| grep -q`: under pipefail its early exit would fail the pipe)
+  local refs
+  refs="$(ctr_ images ls -q 2>/dev/null || true)"
+  grep -qxF "docker.io/$1" <<<"$refs"
+}
 
 import_image() {  # import_image TAG: docker -> the node's containerd, once per tag
   if in_containerd "$1"; then
@@ -174,8 +178,12 @@ PY
 
 SERVER_PID=""
 serve_wheels() {  # a directory listing of the wheelhouse on 127.0.0.1, for pip --find-links
-  local port
-  port="$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+  # A fixed port: the URL is a build argument, so a new one would miss Docker's layer cache
+  # (the multi-GB torch layer). A busy port falls back to a free one (and a cold layer).
+  local port="${WHEEL_PORT:-18791}"
+  if ! "$PYTHON" -c 'import socket,sys; socket.socket().bind(("127.0.0.1", int(sys.argv[1])))' "$port" 2>/dev/null; then
+    port="$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+  fi
   "$PYTHON" -m http.server --bind 127.0.0.1 --directory "$WHEELS" "$port" \
     >"$IMAGES_DIR/wheel-server.log" 2>&1 &
   SERVER_PID=$!
@@ -220,6 +228,22 @@ build_all() {
   import_image "$PAUSE_IMAGE"
   import_image "$OPERATOR_IMAGE"
   import_image "$TRAINER_IMAGE"
+  prune_old
+}
+
+prune_old() {  # older builds of our images (other hashes): gigabytes each, never used again
+  local keep="$BASE_IMAGE $PAUSE_IMAGE $OPERATOR_IMAGE $TRAINER_IMAGE" ref refs
+  refs="$(ctr_ images ls -q 2>/dev/null || true)"
+  for ref in $refs; do
+    [[ "$ref" == docker.io/sgdjob/* && " $keep " != *" ${ref#docker.io/} "* ]] || continue
+    ctr_ images rm "$ref" >/dev/null 2>&1 && log "removed $ref from containerd"
+  done
+  refs="$("$DOCKER" images --format '{{.Repository}}:{{.Tag}}' 'sgdjob/*' 2>/dev/null || true)"
+  for ref in $refs; do
+    [[ " $keep " != *" $ref "* ]] || continue
+    "$DOCKER" image rm "$ref" >/dev/null 2>&1 && log "removed $ref from docker"
+  done
+  return 0
 }
 
 case "${1:-build}" in

@@ -111,6 +111,14 @@ wait_for() {  # wait_for WHAT SECONDS COMMAND...
 
 kc() { "$KUBECTL" --kubeconfig "$ADMIN_KUBECONFIG" "$@"; }
 
+# write FILE < CONTENT: replace FILE only when the content differs (kube-proxy exits when its
+# configuration file changes under it, so an idempotent `up` must not touch an equal file).
+write() {
+  local tmp="$1.tmp"
+  cat >"$tmp"
+  if cmp -s "$tmp" "$1"; then rm -f "$tmp"; else mv "$tmp" "$1"; fi
+}
+
 # --- install ----------------------------------------------------------------------------------
 
 install() {
@@ -138,7 +146,9 @@ net() {
     ip link add "$BRIDGE" type bridge
     log "created bridge $BRIDGE"
   fi
-  ip addr show dev "$BRIDGE" | grep -q "inet $NODE_IP/" || ip addr add "$NODE_IP/16" dev "$BRIDGE"
+  local addrs
+  addrs="$(ip -4 addr show dev "$BRIDGE")"
+  [[ "$addrs" == *"inet $NODE_IP/"* ]] || ip addr add "$NODE_IP/16" dev "$BRIDGE"
   ip link set "$BRIDGE" up
   # Pod traffic stays on this machine: nothing from the bridge is forwarded elsewhere (pods
   # reach each other over the bridge, the host and the API server directly), whatever else
@@ -177,7 +187,7 @@ cert() {  # cert NAME SUBJECT: a client key and certificate signed by the cluste
 
 kubeconfig() {  # kubeconfig FILE CERT-NAME USER
   local file="$1" name="$2" user="$3"
-  cat >"$file" <<EOF
+  write "$file" <<EOF
 apiVersion: v1
 kind: Config
 clusters:
@@ -237,7 +247,7 @@ containerd_up() {
   local pause="$1"
   (( ${#CONTAINERD_SOCK} < 100 )) || die "socket path too long for a unix socket: $CONTAINERD_SOCK"
   mkdir -p "$CTRD_DIR/state" "$CTRD_ROOT" "$NODE_DIR/cni/net.d" "$NODE_DIR/cni/ipam"
-  cat >"$NODE_DIR/cni/net.d/10-sgdjob.conflist" <<EOF
+  write "$NODE_DIR/cni/net.d/10-sgdjob.conflist" <<EOF
 {
   "cniVersion": "0.4.0",
   "name": "sgdjob",
@@ -260,7 +270,7 @@ containerd_up() {
 EOF
   # isGateway false: the bridge plugin would turn on IP forwarding; the bridge already holds
   # the gateway address (net), and the route above points the pods at it.
-  cat >"$CTRD_DIR/config.toml" <<EOF
+  write "$CTRD_DIR/config.toml" <<EOF
 version = 2
 root = "$CTRD_ROOT"
 state = "$CTRD_DIR/state"
@@ -331,8 +341,8 @@ for ns in spec.get("linux", {}).get("namespaces", []):
 
 kubelet_up() {
   mkdir -p "$NODE_DIR/kubelet"
-  : >"$NODE_DIR/resolv.conf"  # pods get only the cluster's DNS, no host search paths
-  cat >"$NODE_DIR/kubelet.yaml" <<EOF
+  write "$NODE_DIR/resolv.conf" </dev/null  # pods get only the cluster's DNS, no host search paths
+  write "$NODE_DIR/kubelet.yaml" <<EOF
 apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
 address: $NODE_IP
@@ -386,7 +396,7 @@ EOF
 }
 
 kube_proxy_up() {
-  cat >"$NODE_DIR/kube-proxy.yaml" <<EOF
+  write "$NODE_DIR/kube-proxy.yaml" <<EOF
 apiVersion: kubeproxy.config.k8s.io/v1alpha1
 kind: KubeProxyConfiguration
 clientConnection:
@@ -407,7 +417,7 @@ EOF
 
 coredns_up() {
   coredns_rbac
-  cat >"$NODE_DIR/Corefile" <<EOF
+  write "$NODE_DIR/Corefile" <<EOF
 cluster.local in-addr.arpa ip6.arpa {
     bind $NODE_IP
     errors

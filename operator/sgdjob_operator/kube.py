@@ -109,7 +109,13 @@ def api_configuration(creds: Credentials | None) -> k8s.Configuration:
 
 def bearer_token(cfg: k8s.Configuration) -> str | None:
     """The bearer token a configuration sends now (after its refresh hook), if any."""
-    value = cfg.get_api_key_with_prefix("authorization") or ""
+    # kubernetes>=3x's in-cluster loader files the token under "BearerToken", ours under
+    # "authorization"; Kopf's login needs it from either (else it connects as anonymous).
+    value = (
+        cfg.get_api_key_with_prefix("BearerToken")
+        or cfg.get_api_key_with_prefix("authorization")
+        or ""
+    )
     return value.split(" ", 1)[1] if value.lower().startswith("bearer ") else None
 
 
