@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup tools run test test-slow lint bench crd e2e-kind clean
+.PHONY: setup tools run test test-slow test-cluster cluster-up cluster-down lint bench crd e2e-kind clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,7 +33,20 @@ lint: $(STAMP)
 	$(VENV)/bin/lint-imports
 
 test: lint tools
-	$(PY) -m pytest -m "not slow and not netns" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow and not netns and not cluster" $(PYTEST_ARGS)
+
+# A real control plane on this machine: etcd, kube-apiserver, controller-manager, scheduler
+# (built from the k8s.io/kubernetes module, cached in .tools/), the chart installed by helm.
+cluster-up: tools
+	PYTHON=$(PY) hack/cluster.sh up
+
+cluster-down:
+	hack/cluster.sh down
+
+# The operator suite and the install checks on the real API server (brings the cluster up
+# for the session unless `make cluster-up` already did, and stops what it started).
+test-cluster: tools
+	$(PY) -m pytest -m "cluster" -p no:cacheprovider $(PYTEST_ARGS)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m "slow" $(PYTEST_ARGS)

@@ -1,5 +1,9 @@
-"""Operator benchmark on KMock: `python -m bench.operator [--jobs 500]`.
+"""Operator benchmark: `python -m bench.operator [--jobs 500] [--real-jobs 200]`.
 
+First on the real local API server (``bench/operator/real.py``: kubectl apply, the chart's
+RBAC, the operator as its own process), then on KMock for comparison.
+
+On KMock:
 Measures (1) the time from creating one SGDJob (2 shards, 4 workers) to all of its children
 existing, over a few repetitions, and (2) with N SGDJobs (1 shard, 1 worker each) created at
 once: the time until every child exists and every job has a status, the operator's total
@@ -21,6 +25,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -31,7 +36,7 @@ import aiohttp
 
 from sgdjob_operator.entry import operator_in_loop
 from sgdjob_operator.handlers import OperatorConfig
-from sgdjob_operator.kube import Connection
+from sgdjob_operator.kube import Credentials
 from sgdjob_operator.manifests import PodSettings
 from sgdjob_operator.metrics import OperatorMetrics
 
@@ -119,15 +124,16 @@ async def scale(
     the client after the server made the object, so the operator's own counter may miss it.
     """
     expected = await count_children(session, base) + jobs * (3 + 1 + 1)
-    names = [f"job-{i:04d}" for i in range(jobs)]
+    bodies = [job_body(f"job-{i:04d}", shards=1, workers=1) for i in range(jobs)]
+    uids = [b["metadata"]["uid"] for b in bodies]
     t0 = time.monotonic()
     sem = asyncio.Semaphore(32)
 
-    async def one(name: str) -> None:
+    async def one(body: dict[str, Any]) -> None:
         async with sem:
-            await create_job(session, base, job_body(name, shards=1, workers=1))
+            await create_job(session, base, body)
 
-    await asyncio.gather(*(one(n) for n in names))
+    await asyncio.gather(*(one(b) for b in bodies))
     t_children = None
     while t_children is None:
         if time.monotonic() > deadline:
@@ -137,9 +143,21 @@ async def scale(
         else:
             await asyncio.sleep(0.25)
     t_status = await wait_until(
-        lambda: all((NS, n) in metrics.job_phase for n in names), deadline=deadline
+        lambda: all(u in metrics.job_phase for u in uids), deadline=deadline
     )
     return t_children - t0, t_status - t0
+
+
+def _kmock_kubeconfig(base: str) -> str:
+    """KMock speaks plain HTTP without authentication."""
+    path = Path(tempfile.mkdtemp(prefix="kmock-")) / "kubeconfig"
+    path.write_text(
+        "apiVersion: v1\nkind: Config\n"
+        f"clusters: [{{name: k, cluster: {{server: '{base}'}}}}]\n"
+        "users: [{name: u, user: {}}]\n"
+        "contexts: [{name: k, context: {cluster: k, user: u}}]\ncurrent-context: k\n"
+    )
+    return str(path)
 
 
 def seconds(value: float | None) -> str:
@@ -177,7 +195,7 @@ async def run(jobs: int, repeats: int, budget: float) -> str:
         base = line.split(" ", 1)[1]
         config = OperatorConfig(
             pod_settings=PodSettings(trainer_image="bench:latest"),
-            connection=Connection(server=base),
+            credentials=Credentials(kubeconfig=_kmock_kubeconfig(base)),
         )
         rss_before = peak_rss_mib()
         cpu_before = cpu_seconds()
@@ -240,9 +258,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.operator")
     p.add_argument("--jobs", type=int, default=500)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--deadline", type=float, default=150.0, help="seconds for the whole run")
+    p.add_argument("--real-jobs", type=int, default=200)
+    p.add_argument("--deadline", type=float, default=150.0, help="seconds for each server")
+    p.add_argument("--no-real", action="store_true", help="KMock only (no local cluster)")
     args = p.parse_args(argv)
-    table = asyncio.run(run(args.jobs, args.repeats, args.deadline))
+    tables = []
+    if not args.no_real:
+        from bench.operator.real import run_real
+
+        tables.append(run_real(args.real_jobs, args.repeats, args.deadline))
+    tables.append(asyncio.run(run(args.jobs, args.repeats, args.deadline)))
+    table = "\n".join(tables)
     print(table)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(table, encoding="utf-8")

@@ -124,9 +124,11 @@ async def _main(args: argparse.Namespace) -> None:
 def run_operator(argv: list[str]) -> int:
     """Parse flags and run until SIGINT/SIGTERM; returns the process exit code."""
     args = parse_args(argv)
+    # force: `sgdjob` has configured logging at INFO already; --verbose must win over that.
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,
     )
     try:
         asyncio.run(_main(args))

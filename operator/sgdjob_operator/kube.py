@@ -81,7 +81,7 @@ class _TokenFile:
         stamp = (st.st_mtime, st.st_size)
         if stamp != self._stamp:
             with open(self.path, encoding="utf-8") as f:
-                cfg.api_key = {"authorization": "Bearer " + f.read().strip()}
+                cfg.api_key = {"BearerToken": "Bearer " + f.read().strip()}
             self._stamp = stamp
 
 
@@ -96,7 +96,7 @@ def api_configuration(creds: Credentials | None) -> k8s.Configuration:
         cfg.verify_ssl = creds.ca_path is not None
         hook = _TokenFile(creds.token_file)
         hook(cfg)
-        cfg.refresh_api_key_hook = hook
+        cfg.refresh_api_key_hook = hook  # type: ignore[assignment]
     elif creds is not None and creds.kubeconfig is not None:
         k8s_config.load_kube_config(config_file=creds.kubeconfig, client_configuration=cfg)
     else:
@@ -109,13 +109,8 @@ def api_configuration(creds: Credentials | None) -> k8s.Configuration:
 
 def bearer_token(cfg: k8s.Configuration) -> str | None:
     """The bearer token a configuration sends now (after its refresh hook), if any."""
-    # kubernetes>=3x's in-cluster loader files the token under "BearerToken", ours under
-    # "authorization"; Kopf's login needs it from either (else it connects as anonymous).
-    value = (
-        cfg.get_api_key_with_prefix("BearerToken")
-        or cfg.get_api_key_with_prefix("authorization")
-        or ""
-    )
+    # The client's loaders keep it under "BearerToken" (older releases: "authorization").
+    value = cfg.get_api_key_with_prefix("BearerToken", alias="authorization") or ""
     return value.split(" ", 1)[1] if value.lower().startswith("bearer ") else None
 
 
@@ -134,13 +129,20 @@ def _error(err: ApiException, action: str) -> KubeError:
 class KubeClient:
     """Namespaced create/get/list/patch/delete for the operator's children and its jobs."""
 
-    def __init__(self, creds: Credentials | None, *, timeout: float = 15.0, threads: int = 8):
+    def __init__(
+        self,
+        creds: Credentials | None,
+        *,
+        timeout: float = 15.0,
+        threads: int = 8,
+        on_request: Callable[[], None] | None = None,
+    ):
         self._creds = creds
+        self._on_request = on_request
         self._timeout = timeout
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kube")
         self._threads = threads
         self._api = self._connect()
-        self.requests = 0  # API calls made, for the benchmark's requests per job
 
     def _connect(self) -> k8s.ApiClient:
         cfg = api_configuration(self._creds)
@@ -162,12 +164,13 @@ class KubeClient:
                 "patch_status": "patch_namespaced_custom_object_status",
                 "delete": "delete_namespaced_custom_object",
             }
-            return getattr(api, names[verb])  # type: ignore[no-any-return]
+            return getattr(api, names[verb])
         kind = CORE_KINDS[plural]
         core = k8s.CoreV1Api(self._api)
         if verb == "patch_status":
-            return getattr(core, f"patch_namespaced_{kind}_status")  # type: ignore[no-any-return]
-        return getattr(core, f"{verb}_namespaced_{kind}")  # type: ignore[no-any-return]
+            return getattr(core, f"patch_namespaced_{kind}_status")
+        verb = "read" if verb == "get" else verb  # the typed core API reads, not gets
+        return getattr(core, f"{verb}_namespaced_{kind}")
 
     def _args(self, plural: str, namespace: str, name: str | None, payload: Any) -> tuple[Any, ...]:
         """Positional arguments in the order the typed methods take them."""
@@ -200,7 +203,8 @@ class KubeClient:
                 data = resp.data
                 return json.loads(data) if data else None
 
-            self.requests += 1
+            if self._on_request is not None:
+                self._on_request()
             try:
                 return await loop.run_in_executor(self._pool, run)
             except ApiException as err:

@@ -265,6 +265,9 @@ def pod(
         bind=f"tcp://0.0.0.0:{ps.port}" if is_ps else "",
         status_bind=f"0.0.0.0:{ps.status_port}" if is_ps and index == 0 else "",
         attempt=attempt,
+        # The run is the job's uid: a job deleted and created again under its name is a new
+        # run and never restores the old one's checkpoints from a shared claim.
+        run_id=ref.uid,
     )
     if spec.security.curve:
         # Placeholders: _env turns every key variable into a secretKeyRef; each role gets

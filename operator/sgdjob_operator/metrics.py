@@ -26,6 +26,7 @@ class OperatorMetrics:
     restarts: int = 0
     replacements: int = 0
     children_created: int = 0
+    api_requests: int = 0  # the operator's own API calls (not Kopf's watches and patches)
     reconciles: int = 0
     reconcile_errors: int = 0
     latency_buckets: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))
@@ -62,6 +63,9 @@ class OperatorMetrics:
             "# HELP sgdjob_operator_children_created_total Children (pods, config) created.",
             "# TYPE sgdjob_operator_children_created_total counter",
             f"sgdjob_operator_children_created_total {self.children_created}",
+            "# HELP sgdjob_operator_api_requests_total API calls made by the operator's client.",
+            "# TYPE sgdjob_operator_api_requests_total counter",
+            f"sgdjob_operator_api_requests_total {self.api_requests}",
             "# HELP sgdjob_operator_reconcile_errors_total Reconcile passes that raised.",
             "# TYPE sgdjob_operator_reconcile_errors_total counter",
             f"sgdjob_operator_reconcile_errors_total {self.reconcile_errors}",

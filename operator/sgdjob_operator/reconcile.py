@@ -124,7 +124,12 @@ class OperatorState:
 
     def kube(self) -> KubeClient:
         if self.client is None:
-            self.client = KubeClient(self.config.credentials)
+            metrics = self.config.metrics
+
+            def count() -> None:
+                metrics.api_requests += 1
+
+            self.client = KubeClient(self.config.credentials, on_request=count)
         return self.client
 
     async def close(self) -> None:

@@ -1,24 +1,55 @@
-"""Fixtures: KMock with the SGDJob resource declared, and a test-side client of it."""
+"""Fixtures: a fresh namespace of the real local cluster per test, the chart's identity, and a
+stand-in kubelet that confirms graceful pod deletions.
+
+Tests that take the ``cluster`` fixture are marked ``cluster`` and run under
+``make test-cluster``; the pure-function tests here run under ``make test``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
-import aiohttp
-import kmock
 import pytest
 
-from tests.operator.harness import Cluster, declare_resources
+from tests.kube_cluster import KubeCluster, delete_namespace, kube_cluster, new_namespace
+from tests.operator.harness import Cluster
+
+__all__ = ["kube_cluster"]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.cluster)
 
 
 @pytest.fixture()
-def k8s(kmock: kmock.KubernetesEmulator) -> kmock.KubernetesEmulator:
-    declare_resources(kmock)
-    return kmock
+def namespace(kube_cluster: KubeCluster) -> Iterator[str]:
+    ns = new_namespace(kube_cluster)
+    yield ns
+    delete_namespace(kube_cluster, ns)
 
 
 @pytest.fixture()
-async def cluster(k8s: kmock.KubernetesEmulator) -> AsyncIterator[Cluster]:
-    # A fresh connection per request: a kept-alive one to KMock was seen to hang.
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
-        yield Cluster(k8s, session)
+async def cluster(
+    kube_cluster: KubeCluster, namespace: str, tmp_path: Path
+) -> AsyncIterator[Cluster]:
+    token_file = tmp_path / "token"
+    token_file.write_text(kube_cluster.operator_token())
+    c = Cluster(kube_cluster, namespace, token_file)
+
+    async def kubelet() -> None:
+        while True:
+            await asyncio.to_thread(c.finish_terminations)
+            await asyncio.sleep(0.3)
+
+    task = asyncio.create_task(kubelet())
+    try:
+        yield c
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -1,57 +1,46 @@
-"""Running the operator in-loop against KMock, and a stand-in coordinator.
+"""Running the operator in-loop against the real local API server, and a stand-in coordinator.
 
-What these tests cannot see, because KMock (0.8) is a lenient in-memory store and not an API
-server:
+Every test gets a fresh namespace on the session's cluster (``tests/kube_cluster.py``) and an
+operator that logs in with the chart's ServiceAccount token, so RBAC, schema, defaulting,
+owner references, garbage collection and uids are the API server's own. There is no kubelet
+yet: a test plays it by binding pods to Node objects it creates and by patching
+``pods/status``, and :meth:`Cluster.finish_terminations` confirms graceful deletions the way a
+kubelet would (a pod bound to a node stays Terminating until its kubelet says it stopped).
 
-- no admission or schema checks: an invalid pod or CRD field is stored as is (manifests are
-  checked by pydantic on the way in and by shape assertions here, not by the server);
-- no defaulting: uid, resourceVersion, creationTimestamp and namespace are never filled in,
-  so test jobs are created with them and pods' creationTimestamp is set by the test where a
-  deadline needs it;
-- label selectors are ignored (the operator filters by owner uid and labels itself);
-- no garbage collection through owner references, no graceful deletion of pods (a deleted
-  pod is gone at once, so the 409-while-terminating path of a restart is not exercised),
-  no kubelet (pod phases change only when a test patches them), no scheduler (no real node
-  anti-affinity), and no PUT;
-- merge-patches are plain recursive dict merges (no strategic merge of lists).
+KMock stays only under ``bench/operator``, for the figures beside the real server's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
 from typing import Any
 
-import aiohttp
-import kmock
 from aiohttp import web
+from kubernetes import client as k8s
+from kubernetes.client.exceptions import ApiException
 
 from sgdjob.api.types import SGDJobSpec
 from sgdjob_operator.entry import operator_in_loop
 from sgdjob_operator.handlers import OperatorConfig, OperatorState
-from sgdjob_operator.kube import Connection
+from sgdjob_operator.kube import Credentials
 from sgdjob_operator.manifests import JobRef, PodSettings
+from tests.kube_cluster import KubeCluster
 
-NS = "ns1"
 JOBS = "sgdjob.dev/v1alpha1/sgdjobs"
 PODS = "v1/pods"
 IMAGE = "example.test/sgdjob:test"
-
-
-def declare_resources(k: kmock.KubernetesEmulator) -> None:
-    """The built-in resources and the SGDJob CRD (KMock knows only declared resources)."""
-    k.resources.load_bundled()
-    k.resources[JOBS] = kmock.ResourceInfo(
-        kind="SGDJob",
-        singular="sgdjob",
-        namespaced=True,
-        shortnames={"sgdj"},
-        verbs={"list", "watch", "get", "create", "patch", "delete"},
-        subresources={"status"},
-    )
+_CORE = {
+    "pods": "pod",
+    "configmaps": "config_map",
+    "secrets": "secret",
+    "services": "service",
+    "events": "event",
+}
 
 
 def basic_spec(**overrides: Any) -> dict[str, Any]:
@@ -66,57 +55,112 @@ def basic_spec(**overrides: Any) -> dict[str, Any]:
     return spec
 
 
-class Cluster:
-    """Test-side access to KMock over HTTP (so watch events fire) and to its store."""
+def _json(resp: Any) -> Any:
+    return json.loads(resp.data) if resp.data else None
 
-    def __init__(self, k: kmock.KubernetesEmulator, session: aiohttp.ClientSession) -> None:
-        self.k = k
-        self.session = session
-        self.base = str(k.url).rstrip("/")
+
+class Cluster:
+    """Test-side access to one namespace of the real cluster (admin identity)."""
+
+    def __init__(self, kc: KubeCluster, ns: str, token_file: Path) -> None:
+        self.kc = kc
+        self.ns = ns
+        self.token_file = token_file
+        self.core = k8s.CoreV1Api(kc.api)
+        self.custom = k8s.CustomObjectsApi(kc.api)
+        self.k = self  # what `running_operator` takes
+        self.kubelet_paused = False  # True: graceful deletions stay Terminating
+
+    def credentials(self) -> Credentials:
+        return Credentials(
+            server=self.kc.server, token_file=str(self.token_file), ca_path=str(self.kc.ca_path)
+        )
 
     async def create_job(self, name: str, spec: Mapping[str, Any]) -> str:
-        uid = str(uuid.uuid4())
         body = {
             "apiVersion": "sgdjob.dev/v1alpha1",
             "kind": "SGDJob",
-            "metadata": {
-                "name": name,
-                "namespace": NS,
-                "uid": uid,
-                "resourceVersion": "1",
-                "generation": 1,
-                "creationTimestamp": "2026-01-01T00:00:00Z",
-            },
+            "metadata": {"name": name},
             "spec": dict(spec),
         }
-        url = f"{self.base}/apis/sgdjob.dev/v1alpha1/namespaces/{NS}/sgdjobs"
-        async with self.session.post(url, json=body) as resp:
-            assert resp.status in (200, 201), await resp.text()
-        return uid
+        got = await asyncio.to_thread(
+            self.custom.create_namespaced_custom_object,
+            "sgdjob.dev", "v1alpha1", self.ns, "sgdjobs", body,
+        )  # fmt: skip
+        return str(got["metadata"]["uid"])
+
+    async def delete_job(self, name: str) -> None:
+        await asyncio.to_thread(
+            self.custom.delete_namespaced_custom_object,
+            "sgdjob.dev", "v1alpha1", self.ns, "sgdjobs", name,
+        )  # fmt: skip
+
+    def _node(self, node: str) -> None:
+        try:
+            self.core.create_node({"metadata": {"name": node, "labels": {"sgdjob.test": "fake"}}})
+        except ApiException as err:
+            if err.status != 409:
+                raise
 
     async def patch_pod(self, name: str, patch: Mapping[str, Any]) -> None:
-        url = f"{self.base}/api/v1/namespaces/{NS}/pods/{name}"
-        headers = {"Content-Type": "application/merge-patch+json"}
-        async with self.session.patch(url, json=patch, headers=headers) as resp:
-            assert resp.status == 200, await resp.text()
+        """Play the scheduler and the kubelet: ``spec.nodeName`` binds the pod to a (fake)
+        Node, ``status`` is merged into ``pods/status``."""
+        node = (patch.get("spec") or {}).get("nodeName")
+        if node:
+            await asyncio.to_thread(self._node, node)
+            binding = {
+                "apiVersion": "v1",
+                "kind": "Binding",
+                "metadata": {"name": name},
+                "target": {"apiVersion": "v1", "kind": "Node", "name": node},
+            }
+            await asyncio.to_thread(
+                self.core.create_namespaced_pod_binding, name, self.ns, binding,
+                _preload_content=False,
+            )  # fmt: skip
+        if "status" in patch:
+            await asyncio.to_thread(
+                self.core.patch_namespaced_pod_status, name, self.ns, {"status": patch["status"]},
+                _content_type="application/strategic-merge-patch+json",
+            )  # fmt: skip
 
     async def set_phase(self, name: str, phase: str, **container: Any) -> None:
         status: dict[str, Any] = {"phase": phase}
         if container:
-            status["containerStatuses"] = [{"name": "trainer", "state": container}]
+            status["containerStatuses"] = [
+                {
+                    "name": "trainer",
+                    "image": IMAGE,
+                    "imageID": "",
+                    "ready": False,
+                    "restartCount": 0,
+                    "state": container,
+                }
+            ]
         await self.patch_pod(name, {"status": status})
 
+    def finish_terminations(self) -> None:
+        """Confirm the deletion of Terminating pods, as their kubelet would."""
+        if self.kubelet_paused:
+            return
+        for name, pod in self.pods().items():
+            if pod["metadata"].get("deletionTimestamp"):
+                with contextlib.suppress(ApiException):
+                    self.core.delete_namespaced_pod(name, self.ns, grace_period_seconds=0)
+
     def objects(self, resource: str) -> dict[str, dict[str, Any]]:
-        """Live (not deleted) objects of `group/version/plural` in the test namespace."""
-        group_version, _, plural = resource.rpartition("/")
-        out = {}
-        for key in list(self.k.objects):
-            res, ns, name = key
-            obj = self.k.objects[key]
-            gv = f"{res.group}/{res.version}" if res.group else res.version
-            if (gv, res.plural, ns) == (group_version, plural, NS) and not obj.deleted:
-                out[name] = dict(obj.raw)
-        return out
+        """Objects of `group/version/plural` in the test namespace, by name."""
+        _, _, plural = resource.rpartition("/")
+        if plural == "sgdjobs":
+            doc = _json(
+                self.custom.list_namespaced_custom_object(
+                    "sgdjob.dev", "v1alpha1", self.ns, "sgdjobs", _preload_content=False
+                )
+            )
+        else:
+            fn = getattr(self.core, f"list_namespaced_{_CORE[plural]}")
+            doc = _json(fn(self.ns, _preload_content=False))
+        return {o["metadata"]["name"]: o for o in (doc or {}).get("items") or []}
 
     def pods(self) -> dict[str, dict[str, Any]]:
         return self.objects(PODS)
@@ -129,41 +173,42 @@ class Cluster:
 
 
 async def eventually(
-    check: Callable[[], Any], *, timeout: float = 30.0, what: str = "condition"
+    check: Callable[[], Any], *, timeout: float = 60.0, what: str = "condition"
 ) -> Any:
     """Poll until `check()` is truthy (its value is returned) or fail naming `what`."""
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
         try:
-            last = check()
+            last = await asyncio.to_thread(check)
             if last:
                 return last
         except (KeyError, IndexError, AssertionError) as err:
             last = err
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
 
 
 @contextlib.asynccontextmanager
 async def running_operator(
-    k: kmock.KubernetesEmulator,
+    cluster: Cluster,
     *,
     coordinator_url: Callable[[JobRef, SGDJobSpec], str] | None = None,
     resync_seconds: float = 0.3,
     poll_seconds: float = 0.2,
     liveness_endpoint: str | None = None,
 ) -> AsyncIterator[OperatorState]:
-    """Run the operator as a task in this loop; stop it (like a process exit) on leaving."""
+    """Run the operator as a task in this loop, as the chart's ServiceAccount; stop it (like
+    a process exit) on leaving."""
     config = OperatorConfig(
         pod_settings=PodSettings(trainer_image=IMAGE, cluster_domain="cluster.test"),
         coordinator_url=coordinator_url,
         resync_seconds=resync_seconds,
         poll_seconds=poll_seconds,
-        connection=Connection(server=str(k.url).rstrip("/")),
+        credentials=cluster.credentials(),
     )
     async with operator_in_loop(
-        config, namespaces=[NS], scanning=False, liveness_endpoint=liveness_endpoint
+        config, namespaces=[cluster.ns], liveness_endpoint=liveness_endpoint
     ) as state:
         yield state
 

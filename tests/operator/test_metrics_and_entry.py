@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import subprocess
 import sys
+from typing import Any
 
 import aiohttp
 
@@ -24,13 +26,15 @@ def free_port() -> int:
 
 def test_metrics_render_jobs_by_phase_counters_and_a_latency_histogram() -> None:
     m = OperatorMetrics()
-    m.set_phase("ns", "a", "Running")
-    m.set_phase("ns", "b", "Running")
-    m.set_phase("ns", "c", "Failed")
+    m.set_phase("uid-a", "Running")
+    m.set_phase("uid-b", "Running")
+    m.set_phase("uid-c", "Failed")
     m.restarts, m.replacements = 3, 1
     m.observe_reconcile(0.02)
     m.observe_reconcile(20.0, error=True)
     text = m.render()
+    m.forget("uid-c")
+    assert 'sgdjob_operator_jobs{phase="Failed"} 0' in m.render()
     assert 'sgdjob_operator_jobs{phase="Running"} 2' in text
     assert 'sgdjob_operator_jobs{phase="Failed"} 1' in text
     assert 'sgdjob_operator_jobs{phase="Succeeded"} 0' in text
@@ -113,3 +117,23 @@ def test_the_operator_package_imports_no_torch_no_zmq_and_only_allowed_sgdjob_mo
         "assert not bad and not extra, (bad, extra)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_sgdjob_operator_verbose_really_turns_on_debug_logging(monkeypatch: Any) -> None:
+    from sgdjob import cli
+    from sgdjob_operator import entry
+
+    async def no_operator(_: Any) -> None:
+        return None
+
+    root = logging.getLogger()
+    saved = (root.level, list(root.handlers))
+    monkeypatch.setattr(entry, "_main", no_operator)
+    try:
+        assert cli.main(["operator", "--verbose", "--metrics-port", "0"]) == 0
+        assert root.level == logging.DEBUG
+        assert logging.getLogger("kopf").isEnabledFor(logging.DEBUG)
+        assert logging.getLogger("sgdjob_operator").isEnabledFor(logging.DEBUG)
+    finally:
+        root.handlers[:] = saved[1]
+        root.setLevel(saved[0])

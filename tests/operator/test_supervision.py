@@ -1,10 +1,9 @@
-"""Against KMock: restarts, budgets, stragglers, success, deadlines and operator restarts."""
+"""On the real API server: restarts, budgets, stragglers, success, deadlines, restarts."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
-
-import kmock
 
 from sgdjob.api.types import SGDJobSpec
 from sgdjob_operator.manifests import JobRef
@@ -46,7 +45,8 @@ async def test_a_failed_worker_pod_is_recreated_and_counted(cluster: Cluster) ->
         await eventually(lambda: attempt(cluster, "j-worker-1") == "1", what="attempt 1")
         st = await eventually(lambda: status(cluster).get("restarts") == 1 and status(cluster))
     assert st["replicaRestarts"] == {"worker-1": 1}
-    assert cluster.pods()["j-worker-1"].get("status") is None  # a fresh pod, not the old one
+    # A fresh pod, not the old one: the scheduler has not placed it, nothing ran it.
+    assert cluster.pods()["j-worker-1"]["status"]["phase"] == "Pending"
     assert attempt(cluster, "j-worker-0") == "0"
     (event,) = [e for e in cluster.events() if e["reason"] == "Restarted"]
     assert event["type"] == "Warning"
@@ -202,6 +202,41 @@ async def test_a_slow_worker_reported_by_the_coordinator_is_replaced(cluster: Cl
     assert "node-j-worker-2" in event["message"]
 
 
+async def test_a_straggler_is_stopped_gracefully_and_replaced_only_once_it_is_gone(
+    cluster: Cluster,
+) -> None:
+    fake = FakeCoordinator({0: 0.1, 1: 0.11, 2: 1.0})
+    spec = basic_spec(
+        workers={"replicas": 3},
+        supervision={"straggler": {"factor": 3.0, "windows": 2, "maxReplacements": 1}},
+    )
+    cluster.kubelet_paused = True  # the old pod's kubelet has not confirmed its exit yet
+    async with (
+        serve_coordinator(fake) as url,
+        running_operator(cluster.k, coordinator_url=lambda _r, _s: url) as state,
+    ):
+        await cluster.create_job("j", spec)
+        await start_all(cluster, 5)
+        old = cluster.pods()["j-worker-2"]["metadata"]["uid"]
+        pod = await eventually(
+            lambda: (
+                cluster.pods()["j-worker-2"]["metadata"].get("deletionTimestamp")
+                and cluster.pods()["j-worker-2"]
+            ),
+            what="the straggler terminating",
+        )
+        # Its grace period, not a kill: the pod's own terminationGracePeriodSeconds.
+        assert pod["metadata"]["deletionGracePeriodSeconds"] > 0
+        passes = state.config.metrics.reconciles
+        await eventually(lambda: state.config.metrics.reconciles >= passes + 5, what="passes")
+        # Still the one old pod: no second copy of worker-2 while the first may still run.
+        assert cluster.pods()["j-worker-2"]["metadata"]["uid"] == old
+        assert attempt(cluster, "j-worker-2") == "0"
+        cluster.kubelet_paused = False
+        await eventually(lambda: attempt(cluster, "j-worker-2") == "1", what="the replacement")
+    assert cluster.pods()["j-worker-2"]["metadata"]["uid"] != old
+
+
 async def test_all_workers_succeeded_succeeds_the_job_and_cleans_up_running_pods(
     cluster: Cluster,
 ) -> None:
@@ -240,24 +275,33 @@ async def test_a_pod_pending_past_the_deadline_fails_the_job_naming_the_reason(
     cluster: Cluster,
 ) -> None:
     async with running_operator(cluster.k):
-        await cluster.create_job("j", basic_spec(supervision={"preRunningDeadlineSeconds": 60}))
+        await cluster.create_job("j", basic_spec(supervision={"preRunningDeadlineSeconds": 3}))
         await eventually(lambda: len(cluster.pods()) == 4)
-        # KMock sets no creationTimestamp: this pod has been Pending for an hour.
+        # Every pod runs but worker-1, which cannot pull its image (creation times are the
+        # server's own, so the deadline is a real 3 s).
+        for name in ("j-ps-0", "j-ps-1", "j-worker-0"):
+            await cluster.patch_pod(name, {"status": {"phase": "Running"}})
         await cluster.patch_pod(
             "j-worker-1",
             {
-                "metadata": {"creationTimestamp": "2020-01-01T00:00:00Z"},
                 "status": {
                     "phase": "Pending",
                     "containerStatuses": [
-                        {"name": "trainer", "state": {"waiting": {"reason": "ImagePullBackOff"}}}
+                        {
+                            "name": "trainer",
+                            "image": "example.test/sgdjob:test",
+                            "imageID": "",
+                            "ready": False,
+                            "restartCount": 0,
+                            "state": {"waiting": {"reason": "ImagePullBackOff"}},
+                        }
                     ],
                 },
             },
         )
         st = await eventually(lambda: status(cluster).get("phase") == "Failed" and status(cluster))
     assert "worker-1" in st["message"] and "ImagePullBackOff" in st["message"]
-    assert "60s" in st["message"]
+    assert "3s" in st["message"]
 
 
 async def test_the_operator_restarted_mid_job_creates_no_duplicates_and_keeps_counters(
@@ -269,33 +313,22 @@ async def test_the_operator_restarted_mid_job_creates_no_duplicates_and_keeps_co
         await cluster.set_phase("j-worker-0", "Failed", terminated={"exitCode": 137})
         await eventually(lambda: status(cluster).get("restarts") == 1)
         await eventually(lambda: attempt(cluster, "j-worker-0") == "1")
-    before = {n: p["metadata"]["labels"] for n, p in cluster.pods().items()}
-    posts_before = _pod_posts(cluster)
+    before = {n: p["metadata"]["uid"] for n, p in cluster.pods().items()}
 
     async with running_operator(cluster.k) as state:
         # Let the new operator resume and run several passes over the same job.
         await eventually(lambda: state.config.metrics.reconciles >= 5, what="passes")
-        assert _pod_posts(cluster) == posts_before
-        assert {n: p["metadata"]["labels"] for n, p in cluster.pods().items()} == before
+        # The same pod objects (uids), none created again, none added.
+        assert {n: p["metadata"]["uid"] for n, p in cluster.pods().items()} == before
         assert status(cluster)["restarts"] == 1
         # The counters carried over: the next failure is restart number 2.
         await cluster.patch_pod("j-worker-0", {"status": {"phase": "Running"}})
         await cluster.set_phase("j-worker-0", "Failed", terminated={"exitCode": 137})
         st = await eventually(lambda: status(cluster).get("restarts") == 2 and status(cluster))
+        # Counters are persisted before acting; the new pod follows.
+        await eventually(lambda: attempt(cluster, "j-worker-0") == "2", what="attempt 2")
     assert st["replicaRestarts"] == {"worker-0": 2}
-    assert attempt(cluster, "j-worker-0") == "2"
     assert len(cluster.pods()) == 4
-
-
-def _pod_posts(cluster: Cluster) -> int:
-    """Pod creation requests KMock has served so far (iterating a KMock view = its requests)."""
-    return sum(
-        1
-        for r in cluster.k
-        if r.action == kmock.action.CREATE
-        and r.resource is not None
-        and r.resource.plural == "pods"
-    )
 
 
 async def test_the_active_deadline_fails_a_running_job(cluster: Cluster) -> None:
@@ -312,7 +345,9 @@ async def test_the_active_deadline_fails_a_running_job(cluster: Cluster) -> None
 async def test_a_restarted_operator_still_honours_the_ttl_of_a_finished_job(
     cluster: Cluster,
 ) -> None:
-    spec = basic_spec(supervision={"ttlSecondsAfterFinished": 1})
+    # The TTL is far beyond the first operator's life, and the completion time is then moved
+    # an hour back: only the restarted operator can have deleted the job, whatever the load.
+    spec = basic_spec(supervision={"ttlSecondsAfterFinished": 600})
     async with running_operator(cluster.k):
         await cluster.create_job("j", spec)
         await start_all(cluster, 4)
@@ -320,5 +355,11 @@ async def test_a_restarted_operator_still_honours_the_ttl_of_a_finished_job(
             await cluster.set_phase(f"j-worker-{i}", "Succeeded", terminated={"exitCode": 0})
         await eventually(lambda: status(cluster).get("phase") == "Succeeded")
     assert "j" in cluster.objects("sgdjob.dev/v1alpha1/sgdjobs")
+    await asyncio.to_thread(
+        cluster.custom.patch_namespaced_custom_object_status,
+        "sgdjob.dev", "v1alpha1", cluster.ns, "sgdjobs", "j",
+        {"status": {"completionTime": "2020-01-01T00:00:00Z"}},
+        _content_type="application/merge-patch+json",
+    )  # fmt: skip
     async with running_operator(cluster.k):
         await eventually(lambda: "j" not in cluster.objects("sgdjob.dev/v1alpha1/sgdjobs"))

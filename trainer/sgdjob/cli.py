@@ -124,7 +124,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _operator_argv(argv: list[str]) -> list[str] | None:
+    """The operator's own flags when the command is `operator`, else None.
+
+    argparse's REMAINDER does not take arguments that start with `-`, so `sgdjob operator
+    --verbose` would be refused by the top-level parser; the operator parses its flags itself.
+    """
+    for i, arg in enumerate(argv):
+        if not arg.startswith("-"):
+            if arg != "operator":
+                return None
+            verbose = any(a in ("-v", "--verbose") for a in argv[:i])
+            return (["--verbose"] if verbose else []) + argv[i + 1 :]
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    operator_argv = _operator_argv(argv)
+    if operator_argv is not None:
+        from sgdjob_operator.entry import run_operator
+
+        return run_operator(operator_argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

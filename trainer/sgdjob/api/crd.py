@@ -38,6 +38,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import GenerateJsonSchema
 from pydantic_core import core_schema
 
+from sgdjob.api.rules import SPEC_RULES
 from sgdjob.api.types import (
     API_GROUP,
     API_VERSION_NAME,
@@ -243,8 +244,24 @@ def _metadata_schema() -> dict[str, Any]:
     return {"type": "object", "properties": {"name": keep}}
 
 
+# Spec edits would be half-applied to a running job (its ConfigMap and pods are made once), so
+# the spec is immutable: a changed job is a new run, made by deleting and creating it again.
+SPEC_RULE = {
+    "rule": "self == oldSelf",
+    "message": "spec is immutable: delete the SGDJob and create it again to start a new run "
+    "with another spec",
+}
+
+
 def openapi_schema() -> dict[str, Any]:
     """The `openAPIV3Schema` of the one served version."""
+    spec = model_schema(SGDJobSpec)
+    spec["x-kubernetes-validations"] = [dict(SPEC_RULE)]
+    for rule in SPEC_RULES:
+        node = spec
+        for part in filter(None, rule.at.split(".")):
+            node = node["properties"][part]
+        node.setdefault("x-kubernetes-validations", []).append(rule.as_validation())
     status = model_schema(SGDJobStatus)
     status["description"] = status.get("description", "") + STATUS_NOTE
     status["x-kubernetes-preserve-unknown-fields"] = True
@@ -258,7 +275,7 @@ def openapi_schema() -> dict[str, Any]:
             },
             "kind": {"description": "The REST resource this object represents.", "type": "string"},
             "metadata": _metadata_schema(),
-            "spec": model_schema(SGDJobSpec),
+            "spec": spec,
             "status": _ordered(status),
         },
         "required": ["spec"],

@@ -23,6 +23,11 @@ SHORT_NAME = "sgdj"
 
 # Pod names are `<job>-worker-<i>` and must stay a DNS-1123 label (<= 63 chars).
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# A job's name heads its Service (`<name>-ps`), which must be a DNS-1035 label: a leading
+# letter. Its longest derived name, a worker pod's hostname-like `<name>-worker-<i>`, and
+# every label value must stay within 63 characters, hence the 40 (checked in validation).
+JOB_NAME = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+JOB_NAME_MAX = 40
 ENTRY_POINT = r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$"
 
 
@@ -242,7 +247,7 @@ class ObjectMeta(Strict):
 
     model_config = ConfigDict(extra="ignore", populate_by_name=True, frozen=True)
 
-    name: str = Field(min_length=1, max_length=40, pattern=DNS_LABEL)
+    name: str = Field(min_length=1, max_length=JOB_NAME_MAX, pattern=JOB_NAME)
     namespace: str | None = Field(default=None, max_length=63, pattern=DNS_LABEL)
     labels: dict[str, str] = Field(default_factory=dict)
     annotations: dict[str, str] = Field(default_factory=dict)
