@@ -113,10 +113,16 @@ kc() { "$KUBECTL" --kubeconfig "$ADMIN_KUBECONFIG" "$@"; }
 
 # write FILE < CONTENT: replace FILE only when the content differs (kube-proxy exits when its
 # configuration file changes under it, so an idempotent `up` must not touch an equal file).
+# write FILE [COMPONENT]: ... and a changed file restarts COMPONENT if it runs (re-read).
 write() {
   local tmp="$1.tmp"
   cat >"$tmp"
-  if cmp -s "$tmp" "$1"; then rm -f "$tmp"; else mv "$tmp" "$1"; fi
+  if cmp -s "$tmp" "$1"; then rm -f "$tmp"; return 0; fi
+  mv "$tmp" "$1"
+  if [[ -n "${2:-}" ]] && alive "$2"; then
+    log "$(basename "$1") changed: restarting $2"
+    stop "$2"
+  fi
 }
 
 # --- install ----------------------------------------------------------------------------------
@@ -270,7 +276,7 @@ containerd_up() {
 EOF
   # isGateway false: the bridge plugin would turn on IP forwarding; the bridge already holds
   # the gateway address (net), and the route above points the pods at it.
-  write "$CTRD_DIR/config.toml" <<EOF
+  write "$CTRD_DIR/config.toml" containerd <<EOF
 version = 2
 root = "$CTRD_ROOT"
 state = "$CTRD_DIR/state"
@@ -283,6 +289,10 @@ state = "$CTRD_DIR/state"
   # No CAP_SYS_RESOURCE here: a negative oom_score_adj would fail every container.
   restrict_oom_score_adj = true
   enable_selinux = false
+  # Pod network namespaces under our state dir, not /run/netns: there, an "ip netns add" by
+  # anyone else bind-mounts /run/netns over itself, hides the sandboxes' nsfs mounts, and
+  # every sandbox removal then fails with EBUSY.
+  netns_mounts_under_state_dir = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
     default_runtime_name = "runc"
@@ -309,7 +319,7 @@ containers_down() {
   ids="$(ctr_ containers ls -q 2>/dev/null || true)"
   [[ -n "$ids" ]] || return 0
   for id in $ids; do
-    # A pod sandbox's network namespace, as the CRI plugin made it (/var/run/netns/cni-*).
+    # A pod sandbox's network namespace, as the CRI plugin made it (<state>/.../netns/cni-*).
     # shellcheck disable=SC2207  # paths without spaces, one a line
     netns+=($(ctr_ containers info "$id" 2>/dev/null | "$PYTHON" -c '
 import json, sys
@@ -318,7 +328,7 @@ try:
 except Exception:
     sys.exit(0)
 for ns in spec.get("linux", {}).get("namespaces", []):
-    if ns.get("type") == "network" and ns.get("path", "").startswith("/var/run/netns/cni-"):
+    if ns.get("type") == "network" and "/netns/cni-" in ns.get("path", ""):
         print(ns["path"])
 ' || true))
     ctr_ tasks kill -s SIGKILL "$id" >/dev/null 2>&1 || true
@@ -342,7 +352,7 @@ for ns in spec.get("linux", {}).get("namespaces", []):
 kubelet_up() {
   mkdir -p "$NODE_DIR/kubelet"
   write "$NODE_DIR/resolv.conf" </dev/null  # pods get only the cluster's DNS, no host search paths
-  write "$NODE_DIR/kubelet.yaml" <<EOF
+  write "$NODE_DIR/kubelet.yaml" kubelet <<EOF
 apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
 address: $NODE_IP
@@ -417,7 +427,7 @@ EOF
 
 coredns_up() {
   coredns_rbac
-  write "$NODE_DIR/Corefile" <<EOF
+  write "$NODE_DIR/Corefile" coredns <<EOF
 cluster.local in-addr.arpa ip6.arpa {
     bind $NODE_IP
     errors
