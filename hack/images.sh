@@ -224,6 +224,8 @@ build_all() {
     docker_build "$TRAINER_IMAGE" trainer/Dockerfile VARIANT=cpu "TORCH_VERSION=$TORCH_VERSION" \
       "TORCH_PIP_ARGS=$offline" "PIP_ARGS=$offline"
     stop_server
+    # BuildKit's cache grows by gigabytes a build; keep the recent part (the torch layer).
+    "$DOCKER" builder prune -f --keep-storage 6GB >/dev/null 2>&1 || true
   fi
   import_image "$PAUSE_IMAGE"
   import_image "$OPERATOR_IMAGE"

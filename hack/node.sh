@@ -379,14 +379,15 @@ serverTLSBootstrap: false
 registerNode: true
 maxPods: 110
 podPidsLimit: -1
-# A shared development machine: never evict a test's pods for disk, never delete the
-# locally built images (they cannot be pulled again).
+# A shared development machine: evict only when the disk is really full, and never delete
+# the locally built images for space (they cannot be pulled again: a removed pause image
+# stops every new pod).
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 evictionHard:
   memory.available: 100Mi
-  nodefs.available: 1%
-  imagefs.available: 1%
+  nodefs.available: 500Mi
+  imagefs.available: 500Mi
   nodefs.inodesFree: 1%
 evictionPressureTransitionPeriod: 10s
 enforceNodeAllocatable: [pods]

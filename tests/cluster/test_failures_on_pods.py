@@ -14,6 +14,9 @@ import pytest
 from tests.cluster.node import CHART_NAMESPACE, EXAMPLES, Node, example
 from tests.kube_cluster import delete_namespace, new_namespace
 
+# A job is minutes of real pods on two shared cores (the default per-test limit is 300 s).
+pytestmark = pytest.mark.timeout(1800)
+
 SLOW = {"debug": {"slowWorkers": {"0": 150, "1": 150}}}
 
 

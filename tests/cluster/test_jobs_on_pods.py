@@ -14,6 +14,9 @@ import torch
 
 from tests.cluster.node import EXAMPLES, Node, example
 
+# A job is minutes of real pods on two shared cores (the default per-test limit is 300 s).
+pytestmark = pytest.mark.timeout(1800)
+
 MODE_EXAMPLES = [
     "digits-backup",
     "digits-async-zhang",
@@ -41,18 +44,6 @@ def test_digits_sync_with_a_claim_succeeds_and_leaves_its_model_on_the_claim(
     assert summary["mode"] == "sync" and summary["finalAccuracy"] >= 0.93
     state = torch.load(out / "model.pt", map_location="cpu", weights_only=True)
     assert {tuple(v.shape) for v in state.values()} >= {(64, 64), (10, 64)}
-
-
-def test_the_example_file_applies_unchanged_and_trains_to_success(
-    node: Node, namespace: str
-) -> None:
-    node.apply_file(namespace, EXAMPLES / "digits-sync.yaml")
-    st = node.wait_phase(namespace, "digits-sync", "Succeeded")
-    assert st["accuracy"] >= 0.93
-    pods = node.pods(namespace)
-    assert {p["status"]["phase"] for p in pods.values() if "-worker-" in p["metadata"]["name"]} == {
-        "Succeeded"
-    }
 
 
 @pytest.mark.parametrize("name", MODE_EXAMPLES)
