@@ -9,7 +9,9 @@
 - ``--metrics-port`` (0 disables ``/metrics``), ``--metrics-host``,
 - ``--coordinator-url TEMPLATE`` (e.g. ``http://127.0.0.1:{port}/status``; placeholders
   ``{name} {namespace} {port} {domain}``), for port-forwarded or out-of-cluster operators,
-- ``--resync-seconds``, ``--poll-seconds``.
+- ``--resync-seconds``, ``--poll-seconds``,
+- ``--drain`` (with ``--drain-timeout``): do not run the operator; delete every SGDJob of the
+  watched namespaces and wait until they are gone (the chart's pre-delete hook, see ``drain``).
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--resync-seconds", type=float, default=2.0)
     p.add_argument("--poll-seconds", type=float, default=3.0)
     p.add_argument("--verbose", "-v", action="store_true")
+    p.add_argument("--drain", action="store_true", help="delete every SGDJob and wait; exit")
+    p.add_argument("--drain-timeout", type=float, default=120.0)
     return p.parse_args(list(argv))
 
 
@@ -131,7 +135,13 @@ def run_operator(argv: list[str]) -> int:
         force=True,
     )
     try:
-        asyncio.run(_main(args))
+        if args.drain:
+            from sgdjob_operator.drain import drain
+
+            n = asyncio.run(drain(namespaces=args.namespace, timeout=args.drain_timeout))
+            logging.getLogger("sgdjob_operator").info("drained %d SGDJob(s)", n)
+        else:
+            asyncio.run(_main(args))
     except KeyboardInterrupt:
         return 130
     return 0
