@@ -72,3 +72,88 @@ def test_a_round_tripped_spec_validates_again() -> None:
 
     job = parse_job(job_doc(training={"mode": "async", "staleness": "zhang"}))
     assert validate_spec(json.loads(spec_to_json(job.spec))) == job.spec
+
+
+def with_resources(requests: dict, limits: dict | None = None) -> dict:  # type: ignore[type-arg]
+    return job_doc(kubernetes={"psResources": {"requests": requests, "limits": limits or {}}})
+
+
+@pytest.mark.parametrize(
+    "qty", [2, "2", "1e3", "2E-2", ".5", 0.5, "1.", "+1", "500u", "100n", "500m", "512Mi", "1.5Gi"]
+)
+def test_every_quantity_kubernetes_accepts_is_accepted(qty: object) -> None:
+    job = parse_job(with_resources({"cpu": qty}))
+    got = job.spec.kubernetes.ps_resources.requests["cpu"]
+    assert got == (repr(qty) if isinstance(qty, float) else qty)  # int-or-string, as the CRD
+
+
+def test_quantities_written_as_yaml_numbers_are_accepted() -> None:
+    import yaml
+
+    doc = with_resources({"cpu": "X", "memory": "Y"})
+    text = yaml.safe_dump(doc).replace("cpu: X", "cpu: .5").replace("memory: Y", "memory: 1e3")
+    job = parse_job_text(text)
+    assert job.spec.kubernetes.ps_resources.requests == {"cpu": "0.5", "memory": "1e3"}
+
+
+@pytest.mark.parametrize(
+    ("qty", "message"),
+    [
+        ("1.5.5", "not a Kubernetes quantity"),
+        ("abc", "not a Kubernetes quantity"),
+        ("1Kb", "not a Kubernetes quantity"),
+        ("e3", "not a Kubernetes quantity"),
+        ("", "not a Kubernetes quantity"),
+        ("-1", "must not be negative"),
+    ],
+)
+def test_a_bad_quantity_is_named_by_its_path(qty: str, message: str) -> None:
+    with pytest.raises(SpecError) as err:
+        parse_job(with_resources({"cpu": qty}))
+    assert [p.path for p in err.value.problems] == ["spec.kubernetes.psResources.requests.cpu"]
+    assert message in str(err.value)
+
+
+def test_a_request_above_its_limit_is_refused() -> None:
+    with pytest.raises(SpecError, match=r"requests\.cpu: must be less than or equal"):
+        parse_job(with_resources({"cpu": "1500m"}, {"cpu": "1"}))
+    parse_job(with_resources({"cpu": "1000m", "memory": "1Gi"}, {"cpu": 1, "memory": "1024Mi"}))
+
+
+def test_the_crd_types_resource_quantities_int_or_string() -> None:
+    from sgdjob.api.crd import build_crd
+
+    schema = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    res = schema["properties"]["spec"]["properties"]["kubernetes"]["properties"]["psResources"]
+    for kind in ("requests", "limits"):
+        assert res["properties"][kind]["additionalProperties"] == {
+            "x-kubernetes-int-or-string": True
+        }
+
+
+def test_a_duplicate_key_in_a_job_file_is_an_error_naming_the_key_and_line() -> None:
+    import yaml
+
+    text = yaml.safe_dump(job_doc(training={"lr": 0.05}), sort_keys=False)
+    text = text.replace("    lr: 0.05\n", "    lr: 0.05\n    lr: 5.0\n")
+    with pytest.raises(SpecError) as err:
+        parse_job_text(text, source="job.yaml")
+    (problem,) = err.value.problems
+    line = text.splitlines().index("    lr: 5.0") + 1
+    assert problem.path == f"job.yaml:{line}:5"
+    assert "duplicate key 'lr'" in problem.message
+
+
+def test_yaml_merge_keys_are_not_duplicates() -> None:
+    text = """
+base: &b {builtin: mlp, hidden: [8]}
+apiVersion: sgdjob.dev/v1alpha1
+kind: SGDJob
+metadata: {name: merged}
+spec:
+  model: {<<: *b}
+  data: {builtin: digits}
+  training: {maxSteps: 5}
+"""
+    with pytest.raises(SpecError, match="base: unknown field"):
+        parse_job_text(text)

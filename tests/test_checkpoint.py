@@ -73,3 +73,32 @@ def test_old_checkpoints_are_pruned_to_keep(tmp_path: Path) -> None:
 
 def test_no_checkpoint_at_all_means_a_fresh_start(tmp_path: Path) -> None:
     assert Checkpointer(tmp_path / "none", shard=0, offset=0, count=5, keep=1).load_latest() is None
+
+
+def ckpt(directory: Path, run_id: str, spec_hash: str = "h1") -> Checkpointer:
+    return Checkpointer(
+        directory, shard=1, offset=50, count=100, keep=2, run_id=run_id, spec_hash=spec_hash
+    )
+
+
+def test_a_new_run_never_restores_or_prunes_another_runs_checkpoints(tmp_path: Path) -> None:
+    old = ckpt(tmp_path, "run-a")
+    for v in (100, 200):
+        old.save(state(v))
+    new = ckpt(tmp_path, "run-b")
+    assert new.load_latest() is None  # a fresh run starts from step 0
+    for v in (10, 20, 30):
+        new.save(state(v))
+    assert [v for v, _ in old.files()] == [200, 100]  # untouched by run-b's pruning
+    assert [v for v, _ in new.files()] == [30, 20]
+    back = new.load_latest()
+    assert back is not None and back.version == 30
+    assert back.extra["run"] == {"id": "run-b", "specHash": "h1"}
+
+
+def test_a_checkpoint_of_this_run_written_for_another_spec_is_refused(tmp_path: Path) -> None:
+    from sgdjob.checkpoint import CheckpointMismatch
+
+    ckpt(tmp_path, "run-a", "h1").save(state(10))
+    with pytest.raises(CheckpointMismatch, match="another spec"):
+        ckpt(tmp_path, "run-a", "h2").load_latest()

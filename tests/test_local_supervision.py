@@ -106,3 +106,40 @@ def test_an_exhausted_restart_budget_fails_the_job_naming_the_worker(tmp_path: P
     lj = LocalJob(parse_job(doc), output=tmp_path, progress=False)
     with pytest.raises(LaunchError, match=r"worker 0 .*after 1 restarts"):
         run_with(lj, kill_twice)
+
+
+def test_a_worker_that_gave_up_on_a_stalled_shard_is_restarted_and_the_job_completes(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    # Workers give up on a silent shard after 2 s (exit 3, "a peer stopped answering"); the
+    # shard is frozen for longer. Exit 3 is retryable: the workers are restarted within their
+    # budget, and once the shard answers again the job finishes.
+    monkeypatch.setenv("SGDJOB_COMM_TIMEOUT", "2")
+    doc = job_doc(
+        "stall",
+        workers={"replicas": 2},
+        training={"maxSteps": 150},
+        supervision={"maxRestarts": 20},
+    )
+
+    def freeze_shard(lj: LocalJob) -> None:
+        wait_for_step(lj, 20)
+        proc = lj.shards[0].proc
+        assert proc is not None
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            deadline = time.monotonic() + 120
+            while not any("exit code 3" in why for _, why in lj.restarted):
+                assert time.monotonic() < deadline, "no worker gave up on the frozen shard"
+                time.sleep(0.1)
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+
+    lj = LocalJob(parse_job(doc), output=tmp_path, progress=False)
+    run_with(lj, freeze_shard)
+    assert {name for name, _ in lj.restarted} <= {"worker-0", "worker-1"}
+    assert any("a peer stopped answering" in why for _, why in lj.restarted)
+    import json
+
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["version"] == 150

@@ -117,6 +117,8 @@ def test_all_replicas_running_is_a_running_job_with_nothing_to_do() -> None:
         (137, "", 0, 0, "Fail"),  # no restarts allowed at all
         (1, "Error", 0, 3, "Fail"),  # permanent: fail at once, budget or not
         (2, "Error", 0, 3, "Fail"),
+        (3, "Error", 0, 3, "Recreate"),  # a peer stopped answering: retryable
+        (3, "Error", 3, 3, "Fail"),  # ... within the budget only
         (None, "", 0, 1, "Recreate"),  # failed without an exit code: node lost
     ],
 )
@@ -174,6 +176,7 @@ def test_a_failed_shard_fails_the_job_with_a_clear_message() -> None:
         (137, 0, 3, ["Recreate"]),  # killed: restored from its checkpoint
         (137, 3, 3, ["Fail"]),  # the shard's own budget is spent
         (1, 0, 3, ["Fail"]),  # its own error: permanent, not retried
+        (3, 0, 3, ["Recreate"]),  # no worker came for too long: retryable
     ],
 )
 def test_a_failed_shard_with_surviving_checkpoints_is_restarted_within_its_budget(
@@ -344,6 +347,8 @@ def test_a_recreated_straggler_keeps_avoiding_its_old_node() -> None:
         (0, "", False),
         (1, "", False),
         (127, "", False),
+        (2, "", False),
+        (3, "", True),
         (128, "", True),
         (137, "", True),
         (1, "OOMKilled", True),
@@ -439,3 +444,10 @@ def test_any_observation_yields_a_consistent_decision(
     for a in replica_actions:
         if isinstance(a, (Create, Recreate)):
             assert a.attempt == d.counters.replicas[f"{a.role}-{a.index}"].attempt
+
+
+def test_every_exit_code_the_trainer_documents_is_classified_as_documented() -> None:
+    from sgdjob.contract import EXIT_ERROR, EXIT_MEANINGS, EXIT_PEER, EXIT_SPEC
+
+    assert set(EXIT_MEANINGS) == {0, EXIT_ERROR, EXIT_SPEC, EXIT_PEER}
+    assert [c for c in EXIT_MEANINGS if c and is_retryable(c, "")] == [EXIT_PEER]

@@ -9,7 +9,17 @@ import pytest
 import zmq
 
 from sgdjob.api.validation import parse_job
-from sgdjob.protocol import DType, ErrorCode, Flags, Header, Op, Report, parse_header, token_digest
+from sgdjob.protocol import (
+    Compression,
+    DType,
+    ErrorCode,
+    Flags,
+    Header,
+    Op,
+    Report,
+    parse_header,
+    token_digest,
+)
 from sgdjob.shard import Shard
 from sgdjob.slicing import Slice
 from sgdjob.stats import ShardStats
@@ -66,7 +76,13 @@ def msg(h: Header, frames: list[bytes] = (), ident: bytes = b"peer") -> Incoming
 
 
 def push(
-    worker: int, grad: np.ndarray, version: int, *, token: bytes = TOKEN, chunks: int = 2
+    worker: int,
+    grad: np.ndarray,
+    version: int,
+    *,
+    token: bytes = TOKEN,
+    chunks: int = 2,
+    step: int | None = None,
 ) -> Incoming:
     parts = [p.tobytes() for p in np.array_split(grad.astype(np.float32), chunks)]
     h = Header(
@@ -74,7 +90,7 @@ def push(
         token=token,
         worker=worker,
         version=version,
-        step=version,
+        step=version if step is None else step,
         offset=0,
         count=grad.size,
         nbytes=grad.size * 4,
@@ -114,6 +130,148 @@ def test_late_gradients_of_a_closed_step_are_dropped_with_backup_workers() -> No
     shard.handle(push(1, np.full(6, 100.0), 0))
     np.testing.assert_array_equal(shard.params, before)
     assert shard.stats.workers[1].dropped == 1
+
+
+def test_replayed_steps_this_shard_already_closed_are_dropped_not_applied_again() -> None:
+    # Another shard restored an older checkpoint (version 0): the workers replay steps 0 and 1,
+    # pulling this healthy shard's newest version (2) for them. Applying them here again
+    # would train this slice twice on the same batches.
+    shard, _ = make_shard(steps=10)
+    for step in (0, 1):
+        shard.handle(push(0, np.ones(6), step))
+        shard.handle(push(1, np.ones(6), step))
+    assert shard.version == 2
+    before = shard.params.copy()
+    for step in (0, 1):
+        shard.handle(push(0, np.full(6, 5.0), 2, step=step))
+        shard.handle(push(1, np.full(6, 5.0), 2, step=step))
+    assert shard.version == 2
+    np.testing.assert_array_equal(shard.params, before)
+    assert shard.stats.workers[0].dropped == 2
+    shard.handle(push(0, np.ones(6), 2))  # the replay caught up: step 2 is new here
+    shard.handle(push(1, np.ones(6), 2))
+    assert shard.version == 3
+
+
+def restored_shard(state_extra: dict[str, Any], *, version: int, steps: int = 4) -> Shard:
+    """A 2-worker sync shard restored from a checkpoint at ``version``; only worker 0 greets."""
+    from sgdjob.checkpoint import ShardState
+
+    job = parse_job(job_doc(workers={"replicas": 2}))
+    shard = Shard(
+        spec=job.spec,
+        slice_=Slice(0, 0, 6),
+        initial=np.ones(6, np.float32),
+        total_size=6,
+        token=TOKEN,
+        send=Sent(),
+        stats=ShardStats(shard=0, workers=2, mode="sync"),
+        incarnation=8,
+        chunk_bytes=8,
+    )
+    arrays = {"params": np.ones(6, np.float32), "momentum": np.zeros(6, np.float32)}
+    shard.restore(
+        ShardState(
+            shard=0,
+            offset=0,
+            count=6,
+            version=version,
+            total_steps=steps,
+            arrays=arrays,
+            extra=state_extra,
+        )
+    )
+    hello = Header(op=Op.HELLO, token=TOKEN, worker=0, step=steps, aux=6.0)
+    shard.handle(msg(hello, ident=b"w0"))
+    return shard
+
+
+def test_a_done_worker_is_in_the_checkpoint_and_steps_close_without_it_after_a_restore() -> None:
+    shard, _ = make_shard(steps=4)
+    shard.handle(push(0, np.ones(6), 0))
+    shard.handle(push(1, np.ones(6), 0))
+    shard.handle(msg(Header(op=Op.DONE, token=TOKEN, worker=1), ident=b"w1"))
+    state = shard.state()
+    assert state.extra["exited"] == [1]
+    restored = restored_shard(state.extra, version=state.version)
+    sent = restored.send
+    assert isinstance(sent, Sent)
+    for step in (1, 2, 3):  # worker 1 is gone: worker 0 alone closes the replayed steps
+        restored.handle(push(0, np.ones(6), step))
+        assert restored.version == step + 1
+    final = Header(op=Op.PULL, token=TOKEN, worker=0, flags=Flags.FINISHED, step=9)
+    restored.handle(msg(final, ident=b"w0"))
+    assert sent.messages[-1][1].op == Op.PARAMS
+    assert sent.messages[-1][1].flags & Flags.FINISHED
+
+
+def test_workers_the_executor_saw_succeed_count_as_done() -> None:
+    shard = restored_shard({}, version=3)
+    final = Header(op=Op.PULL, token=TOKEN, worker=0, flags=Flags.FINISHED, step=9)
+    shard.handle(msg(final, ident=b"w0"))
+    sent = shard.send
+    assert isinstance(sent, Sent)
+    assert not [m for m in sent.messages if m[1].op == Op.PARAMS]  # waits for worker 1 ...
+    shard.workers_exited([1])  # ... until the executor says worker 1 succeeded
+    assert [m[1].op for m in sent.messages][-1] == Op.PARAMS
+    assert sent.messages[-1][1].flags & Flags.FINISHED
+
+
+def test_a_done_worker_whose_gradient_is_pending_still_counts_for_that_step() -> None:
+    shard, _ = make_shard(steps=1, training={"momentum": 0.0, "lr": 1.0})
+    shard.handle(push(1, np.full(6, 2.0), 0))
+    shard.handle(msg(Header(op=Op.DONE, token=TOKEN, worker=1), ident=b"w1"))
+    assert shard.version == 0  # not closed on worker 1's gradient alone
+    shard.handle(push(0, np.zeros(6), 0))
+    assert shard.version == 1
+    np.testing.assert_array_equal(shard.params, np.zeros(6, np.float32))  # 1 - (2 + 0) / 2
+
+
+def test_a_re_sent_pull_already_answered_with_an_update_gets_the_same_bytes_once() -> None:
+    from sgdjob.compression import decode_into
+
+    shard, sent = make_shard(
+        count=16,
+        steps=10,
+        workers=1,
+        training={"mode": "async"},
+        compression={"kind": "onebit", "bucketSize": 8, "serverToWorker": True},
+    )
+
+    def pull(seq: int) -> Header:
+        shard.handle(msg(Header(op=Op.PULL, token=TOKEN, worker=0, step=seq), ident=b"w0"))
+        return sent.messages[-1][1]
+
+    assert not pull(1).flags & Flags.DELTA  # the first answer is the full parameters
+    held = np.frombuffer(b"".join(sent.messages[-1][2]), np.float32).copy()
+    bits = np.zeros(2, np.uint8)
+    scales = np.array([[-0.5, 0.5], [-0.5, 0.5]], np.float32)
+    h = Header(
+        op=Op.PUSH,
+        token=TOKEN,
+        worker=0,
+        step=0,
+        count=16,
+        nbytes=bits.nbytes + scales.nbytes,
+        nframes=2,
+        dtype=DType.ONEBIT,
+        compression=Compression.ONEBIT,
+        bucket_size=8,
+    )
+    shard.handle(msg(h, [bits.tobytes(), scales.tobytes()], ident=b"w0"))
+    assert pull(2).flags & Flags.DELTA
+    first = sent.messages[-1][2]
+    assert pull(2).flags & Flags.DELTA  # the worker re-sent it: its answer seemed slow
+    assert sent.messages[-1][2] == first  # the same update, encoded once
+    # The worker applies one of the two identical answers: the mirror must match it.
+    decode_into(
+        held,
+        np.frombuffer(first[0], np.uint8),
+        np.frombuffer(first[1], np.float32),
+        count=16,
+        bucket_size=8,
+    )
+    np.testing.assert_array_equal(shard.mirrors[0].mirror, held)
 
 
 def test_the_final_pull_is_answered_only_when_training_is_over() -> None:

@@ -100,3 +100,39 @@ def test_shard_kill_recovery_holds_over_ten_seeds(tmp_path: Path, run_job: Any, 
     clean, _ = run_job(doc, subdir="clean")
     summary = kill_shard_run(tmp_path / "killed", doc, shard=seed % 2, at=40 + 7 * seed)
     assert summary["finalAccuracy"] >= clean["finalAccuracy"] - 0.01
+
+
+def test_a_shard_lost_after_a_worker_finished_is_restored_and_the_job_still_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Worker 1 finishes and exits; then shard 1 dies. The restored shard must count worker 1
+    # as done (its checkpoint and the executor both say so), or worker 0's final pull waits
+    # for a worker that will never come back.
+    monkeypatch.setenv("SGDJOB_COMM_TIMEOUT", "60")  # what "waits forever" looks like here
+    doc = job_doc(
+        "afterdone",
+        parameterServers={"shards": 2},
+        workers={"replicas": 2},
+        training={"mode": "async", "maxSteps": 200},
+        debug={"slowWorkers": {0: 30}},
+        supervision={"straggler": {"maxReplacements": 0}},
+        checkpoint={"every": EVERY},
+    )
+
+    def kill_after_worker_1(lj: LocalJob) -> None:
+        deadline = time.monotonic() + 120
+        while lj.workers[1].poll() != 0:
+            assert time.monotonic() < deadline, "worker 1 never finished"
+            time.sleep(0.05)
+        assert lj.workers[0].poll() is None  # worker 0 is still training
+        proc = lj.shards[1].proc
+        assert proc is not None
+        os.kill(proc.pid, signal.SIGKILL)
+
+    lj = LocalJob(parse_job(doc), output=tmp_path, progress=False)
+    run_with(lj, kill_after_worker_1)
+    assert [name for name, _ in lj.restarted] == ["ps-1"]
+    assert lj.shards[1].contract.done_workers == (1,)
+    assert "restored version" in (tmp_path / "logs" / "ps-1.log").read_text()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["finalAccuracy"] > 0.8

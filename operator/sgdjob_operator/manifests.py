@@ -298,8 +298,14 @@ def pod(
         if index == 0:
             ports.append({"name": "status", "containerPort": ps.status_port})
         container["ports"] = ports
-        # Ready = the shard's socket is bound; feeds status.readyShards.
-        container["readinessProbe"] = {"tcpSocket": {"port": ps.port}, "periodSeconds": 5}
+        # Ready = the shard's socket is bound (listening); feeds status.readyShards. Read
+        # from the kernel's socket table, not by connecting: a tcpSocket probe opened a TCP
+        # connection every period that CURVE counted as a rejected handshake.
+        listening = f":{ps.port:04X} [0-9A-F]+:0000 0A"
+        container["readinessProbe"] = {
+            "exec": {"command": ["grep", "-qsE", listening, "/proc/net/tcp", "/proc/net/tcp6"]},
+            "periodSeconds": 5,
+        }
     output_volume: dict[str, Any] = (
         {"name": "output", "persistentVolumeClaim": {"claimName": k8s.output_claim_name}}
         if k8s.output_claim_name

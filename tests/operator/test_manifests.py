@@ -130,3 +130,53 @@ def test_pods_do_not_share_security_context_objects() -> None:
     a["spec"]["containers"][0]["securityContext"]["capabilities"]["drop"].append("X")
     assert b["spec"]["securityContext"]["fsGroup"] == 10001
     assert b["spec"]["containers"][0]["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+
+
+def test_the_shard_readiness_probe_sees_a_bound_shard_without_a_handshake_being_counted() -> None:
+    import socket
+    import subprocess
+    import time
+
+    import zmq
+
+    from sgdjob.curvekeys import JobKeys
+    from sgdjob.stats import ShardStats
+    from sgdjob.transport import CurveServer, bind_router
+
+    with socket.socket() as s:  # a free port for the shard, as a pod would have its own
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    spec = validate_spec(basic_spec(parameterServers={"port": port}))
+    body = pod(ref=REF, spec=spec, role="ps", index=0, attempt=0, settings=SETTINGS)
+    probe = body["spec"]["containers"][0]["readinessProbe"]
+    assert "tcpSocket" not in probe
+    command = probe["exec"]["command"]
+
+    def probe_passes() -> bool:
+        return subprocess.run(command, capture_output=True, timeout=30).returncode == 0
+
+    assert not probe_passes()  # nothing listens yet
+    keys = JobKeys.generate()
+    stats = ShardStats(shard=0, workers=1, mode="sync")
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    curve = CurveServer(
+        public=keys.server_public, secret=keys.server_secret, client_public=keys.client_public
+    )
+    ep, _ = bind_router(
+        ctx, f"tcp://0.0.0.0:{port}", curve=curve, on_handshake_failure=stats.reject
+    )
+    try:
+        for _ in range(3):
+            assert probe_passes()
+            ep.poll(300)
+        assert not any(k.startswith("HANDSHAKE") for k in stats.rejected)
+        # What the old tcpSocket probe did, for contrast: a bare connect counts as a rejection.
+        socket.create_connection(("127.0.0.1", port)).close()
+        deadline = time.monotonic() + 30
+        while not any(k.startswith("HANDSHAKE") for k in stats.rejected):
+            assert time.monotonic() < deadline, "a bare TCP connect was not even counted"
+            ep.poll(200)
+    finally:
+        ep.close()
+        ctx.term()
+    assert not probe_passes()

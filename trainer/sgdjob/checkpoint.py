@@ -1,13 +1,16 @@
 """Shard checkpoints: a slice's parameters and optimizer state on disk, atomically, checksummed.
 
-File ``<dir>/ckpt-<version:012d>.sgdckpt``, written with ``output.atomic_write`` (temporary
-file, fsync, rename, directory fsync) so a crash leaves either the old set or the new file:
+File ``<dir>/ckpt-<version:012d>-<run tag>.sgdckpt`` (the tag: 12 hex digits of the SHA-256
+of the run id, so a file names the run it belongs to; without a run id the name is
+``ckpt-<version:012d>.sgdckpt``), written with ``output.atomic_write`` (temporary file, fsync,
+rename, directory fsync) so a crash leaves either the old set or the new file:
 
     magic b"SGDJCKPT" | u32 header length | header (JSON) | array bytes ...
 
 The header names the format version, the shard, its slice (offset, count), the parameter
-version, the job's steps per worker, per-worker resume steps, the coordinator's counters,
-each array's name, dtype, length and byte offset, and the SHA-256 of all array bytes. Nothing
+version, the job's steps per worker, per-worker resume steps, the coordinator's counters and
+the run (``extra.run``: its id and spec hash, see ``sgdjob.runs``), each array's name, dtype,
+length and byte offset, and the SHA-256 of all array bytes. Nothing
 is unpickled. ``load_latest`` walks the files newest first and returns the first that parses,
 matches the slice and whose checksum holds; truncated or corrupt files are logged and skipped.
 
@@ -35,12 +38,21 @@ log = logging.getLogger("sgdjob.checkpoint")
 
 MAGIC = b"SGDJCKPT"
 FORMAT_VERSION = 1
-NAME = re.compile(r"^ckpt-(\d{12})\.sgdckpt$")
+NAME = re.compile(r"^ckpt-(\d{12})(?:-([0-9a-f]{12}))?\.sgdckpt$")
 MAX_HEADER = 1 << 20
 
 
 class CheckpointError(ValueError):
     """A checkpoint file cannot be used; the message says why."""
+
+
+class CheckpointMismatch(CheckpointError):
+    """This run's checkpoint was written for another spec: restoring it would be wrong."""
+
+
+def run_tag(run_id: str) -> str:
+    """The file-name tag of a run: 12 hex digits of the SHA-256 of its id ("" without one)."""
+    return hashlib.sha256(run_id.encode()).hexdigest()[:12] if run_id else ""
 
 
 @dataclass
@@ -130,24 +142,41 @@ def decode(data: bytes, *, shard: int, offset: int, count: int) -> ShardState:
 class Checkpointer:
     """Writes a shard's checkpoints into one directory and finds the newest usable one."""
 
-    def __init__(self, directory: Path, *, shard: int, offset: int, count: int, keep: int) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        shard: int,
+        offset: int,
+        count: int,
+        keep: int,
+        run_id: str = "",
+        spec_hash: str = "",
+    ) -> None:
         self.dir = directory
         self.shard, self.offset, self.count = shard, offset, count
         self.keep = max(1, keep)
+        # Which run these checkpoints belong to: files of other runs are neither restored nor
+        # pruned, even when two runs share a directory.
+        self.run_id, self.spec_hash = run_id, spec_hash
+        self.tag = run_tag(run_id)
 
     def files(self) -> list[tuple[int, Path]]:
-        """(version, path) of every checkpoint file, newest first."""
+        """(version, path) of every checkpoint file of this run, newest first."""
         if not self.dir.is_dir():
             return []
         found = []
         for p in self.dir.iterdir():
             m = NAME.match(p.name)
-            if m:
+            if m and (m.group(2) or "") == self.tag:
                 found.append((int(m.group(1)), p))
         return sorted(found, reverse=True)
 
     def save(self, state: ShardState) -> Path:
-        path = self.dir / f"ckpt-{state.version:012d}.sgdckpt"
+        suffix = f"-{self.tag}" if self.tag else ""
+        path = self.dir / f"ckpt-{state.version:012d}{suffix}.sgdckpt"
+        if self.run_id:
+            state.extra["run"] = {"id": self.run_id, "specHash": self.spec_hash}
         data = encode(state)
         atomic_write(path, lambda fh: fh.write(data))
         for _, old in self.files()[self.keep :]:
@@ -155,11 +184,24 @@ class Checkpointer:
         return path
 
     def load_latest(self) -> ShardState | None:
+        """The newest usable checkpoint of this run; CheckpointMismatch if it is another spec's."""
         for version, path in self.files():
             try:
-                return decode(
+                state = decode(
                     path.read_bytes(), shard=self.shard, offset=self.offset, count=self.count
                 )
             except (CheckpointError, OSError, KeyError, TypeError, ValueError) as err:
                 log.warning("skipping checkpoint %s (version %d): %s", path, version, err)
+                continue
+            run = state.extra.get("run") or {}
+            if self.run_id and run.get("id") != self.run_id:
+                log.warning("skipping checkpoint %s: it belongs to run %s", path, run.get("id"))
+                continue
+            if self.spec_hash and run.get("specHash") not in (None, self.spec_hash):
+                raise CheckpointMismatch(
+                    f"checkpoint {path} of run {self.run_id} was written for another spec "
+                    f"(spec hash {run.get('specHash')}, this spec {self.spec_hash}); "
+                    "start a new run instead of resuming this one"
+                )
+            return state
         return None

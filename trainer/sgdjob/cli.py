@@ -12,10 +12,9 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from sgdjob.api.defaults import local_output_dir
+from sgdjob.api.defaults import local_output_root, run_output_dir
 from sgdjob.api.validation import SpecError, load_job
-
-EXIT_SPEC = 2
+from sgdjob.contract import EXIT_ERROR, EXIT_SPEC
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -26,22 +25,51 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return EXIT_SPEC
     from sgdjob.launcher import LaunchError, run_local
     from sgdjob.report import plot_curves, read_metrics, summary_table
+    from sgdjob.runs import RunError, choose_resume, new_run_id, point_latest
+    from sgdjob.signals import Stopped
 
-    output = local_output_dir(job, args.output).resolve()
+    name = job.metadata.name
+    root = local_output_root(job, args.output).resolve()
+    try:
+        if args.resume is None:
+            run_id = new_run_id()
+        else:
+            wanted = None if args.resume is True else str(args.resume)
+            run_id = choose_resume(
+                root, name, job.spec, wanted, shards=job.spec.parameter_servers.shards
+            ).run_id
+    except RunError as err:
+        print(f"sgdjob: cannot resume {name}: {err}", file=sys.stderr)
+        return EXIT_SPEC
+    output = Path(run_output_dir(root, name, run_id))
+    output.mkdir(parents=True, exist_ok=True)
+    point_latest(root, name, run_id)
     print(
-        f"sgdjob: running {job.metadata.name} ({job.spec.training.mode}, "
-        f"{job.spec.parameter_servers.shards} shards, {job.spec.workers.replicas} workers) "
-        f"-> {output}",
+        f"sgdjob: {'resuming' if args.resume is not None else 'running'} {name} "
+        f"({job.spec.training.mode}, {job.spec.parameter_servers.shards} shards, "
+        f"{job.spec.workers.replicas} workers), run {run_id} -> {output}",
         file=sys.stderr,
     )
     try:
-        summary = run_local(job, output=output, progress=not args.no_progress)
-    except LaunchError as err:
-        print(f"sgdjob: job {job.metadata.name} failed: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("sgdjob: interrupted; every replica was stopped", file=sys.stderr)
-        return 130
+        summary = run_local(
+            job,
+            output=output,
+            progress=not args.no_progress,
+            run_id=run_id,
+            resume=args.resume is not None,
+        )
+    except (LaunchError, RunError) as err:
+        print(f"sgdjob: job {name} failed: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt as err:
+        code = 128 + (err.signum if isinstance(err, Stopped) else 2)
+        print(
+            f"sgdjob: interrupted; every replica was stopped. Continue this run with "
+            f"`sgdjob run {args.file}{f' --output {args.output}' if args.output else ''} "
+            f"--resume {run_id}`",
+            file=sys.stderr,
+        )
+        return code
     png = plot_curves(
         read_metrics(output / "metrics.jsonl"), output / "curves.png", title=job.metadata.name
     )
@@ -106,7 +134,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a job locally: shards and workers on 127.0.0.1")
     run.add_argument("file", help="SGDJob YAML file")
-    run.add_argument("--output", type=Path, help="output directory (default runs/<name>)")
+    run.add_argument(
+        "--output",
+        type=Path,
+        help="output root (default: spec.output.directory, else runs); "
+        "each run writes to <root>/<name>/<run-id>/, <root>/<name>/latest names the newest",
+    )
+    run.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="RUN_ID",
+        help="continue an interrupted or failed run from its checkpoints instead of starting "
+        "a new one: the newest such run of this job, or RUN_ID",
+    )
     run.add_argument("--no-progress", action="store_true", help="no live progress line")
     run.set_defaults(fn=_cmd_run)
     val = sub.add_parser("validate", help="check an SGDJob file and name every bad field")

@@ -9,6 +9,7 @@ the caller may overwrite the buffer (``wait_sent``).
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -79,7 +80,7 @@ class ShardClient:
         addrs: tuple[str, ...],
         token: bytes,
         worker: int,
-        timeout_s: float,
+        timeout_s: float | None,
         chunk_bytes: int,
         compression: CompressionSpec | None = None,
         ef_device: torch.device | str = "cpu",
@@ -95,7 +96,8 @@ class ShardClient:
         self.recon: np.ndarray | None = None  # serverToWorker: what the shards think we hold
         self.token = token
         self.worker = worker
-        self.timeout_ms = int(timeout_s * 1000)
+        # None: wait as long as it takes (the executor enforces the job's deadlines).
+        self.timeout_s = timeout_s
         self.chunk_bytes = chunk_bytes
         self.endpoints = [connect_dealer(ctx, a, curve=curve) for a in addrs]
         self.slices: list[Slice] = []
@@ -132,16 +134,15 @@ class ShardClient:
         ShardUnavailable after the communication timeout.
         """
         ep = self.endpoints[shard]
-        deadline = time.monotonic() + self.timeout_ms / 1000
+        limit = self.timeout_s
+        deadline = math.inf if limit is None else time.monotonic() + limit
         next_resend = time.monotonic() + RETRY_S
         while True:
             now = time.monotonic()
             if now >= deadline:
-                raise ShardUnavailable(
-                    f"shard {shard} sent no {expect.name} for {self.timeout_ms / 1000:.0f}s"
-                )
+                raise ShardUnavailable(f"shard {shard} sent no {expect.name} for {limit:.0f}s")
             until = min(deadline, next_resend) if resend is not None else deadline
-            if not ep.poll(max(1, int((until - now) * 1000))):
+            if not ep.poll(max(1, int(min(until - now, RETRY_S) * 1000))):
                 if resend is not None and time.monotonic() >= next_resend:
                     resend()
                     next_resend = time.monotonic() + RETRY_S
@@ -186,8 +187,11 @@ class ShardClient:
             ]
         if self.server_to_worker:
             self.recon = np.zeros(total_size, dtype=np.float32)
+        # Shards restored from checkpoints may stand at different versions (a resumed run,
+        # interrupted between two shards' saves): resume at the oldest; the others drop the
+        # replayed steps they already closed.
         return Welcome(
-            slice=slices[0], version=min(versions), incarnation=incs[0], resume_step=steps[0]
+            slice=slices[0], version=min(versions), incarnation=incs[0], resume_step=min(steps)
         )
 
     def _send_hello(self, k: int) -> None:

@@ -37,6 +37,25 @@ ENV_ATTEMPT = "SGDJOB_ATTEMPT"  # optional: 0 for the first start of a replica, 
 # (or the resumed run's id with --resume). Checkpoints and outputs are keyed by it, so a new
 # run never restores another run's state.
 ENV_RUN_ID = "SGDJOB_RUN_ID"
+# Optional, for a restarted shard: comma-separated indices of the workers the executor saw
+# succeed. They will never push again, so the shard counts them as done (sgdjob.shard).
+ENV_DONE_WORKERS = "SGDJOB_DONE_WORKERS"
+
+# Exit codes of `sgdjob trainer`, the one place they are defined. The executors' policy
+# (sgdjob.policy.is_retryable) classifies them: EXIT_PEER and signals (>= 128) are retryable
+# within supervision.maxRestarts; EXIT_ERROR and EXIT_SPEC are the program's own errors and
+# fail the job at once.
+EXIT_OK = 0  # done
+EXIT_ERROR = 1  # an error in the program or the user's code
+EXIT_SPEC = 2  # invalid spec or contract, or a checkpoint of another spec: permanent
+EXIT_PEER = 3  # a peer stopped answering within the job's deadline: retryable
+RETRYABLE_EXIT_CODES = frozenset({EXIT_PEER})
+EXIT_MEANINGS = {
+    EXIT_OK: "done",
+    EXIT_ERROR: "error",
+    EXIT_SPEC: "invalid spec or contract",
+    EXIT_PEER: "a peer stopped answering",
+}
 
 Role = Literal["ps", "worker"]
 ROLES: tuple[Role, ...] = ("ps", "worker")
@@ -62,6 +81,7 @@ class ProcessContract:
     ready_file: str = ""
     attempt: int = 0
     run_id: str = ""
+    done_workers: tuple[int, ...] = ()
     # Z85 CURVE keys; each role gets only what it needs (see curve_for_role).
     curve_server_public: str = ""
     curve_server_secret: str = ""
@@ -88,6 +108,7 @@ class ProcessContract:
             (ENV_STATUS_BIND, self.status_bind),
             (ENV_READY_FILE, self.ready_file),
             (ENV_RUN_ID, self.run_id),
+            (ENV_DONE_WORKERS, ",".join(str(i) for i in self.done_workers)),
         ):
             if value:
                 env[key] = value
@@ -118,6 +139,9 @@ def from_env(env: Mapping[str, str] | None = None) -> ProcessContract:
     if not raw_attempt.isdigit():
         raise ContractError(f"{ENV_ATTEMPT} must be a non-negative integer, not {raw_attempt!r}")
     addrs = tuple(a for a in env.get(ENV_SHARD_ADDRS, "").split(",") if a)
+    raw_done = [d for d in env.get(ENV_DONE_WORKERS, "").split(",") if d]
+    if not all(d.isdigit() for d in raw_done):
+        raise ContractError(f"{ENV_DONE_WORKERS} must list worker indices, not {raw_done!r}")
     if role == "worker" and not addrs:
         raise ContractError(f"{ENV_SHARD_ADDRS} is not set")
     if role == "ps" and not env.get(ENV_BIND):
@@ -135,6 +159,7 @@ def from_env(env: Mapping[str, str] | None = None) -> ProcessContract:
         ready_file=env.get(ENV_READY_FILE, ""),
         attempt=int(raw_attempt),
         run_id=env.get(ENV_RUN_ID, ""),
+        done_workers=tuple(int(d) for d in raw_done),
         curve_server_public=env.get(ENV_CURVE_SERVER_PUBLIC, ""),
         curve_server_secret=env.get(ENV_CURVE_SERVER_SECRET, ""),
         curve_client_public=env.get(ENV_CURVE_CLIENT_PUBLIC, ""),

@@ -2,9 +2,11 @@
 
 Starts S shard processes (each binds a free port and reports it through a ready file), then
 the workers with the shards' addresses: the same ``ProcessContract`` a pod gets. It polls
-the coordinator's /status for a live progress line, stops every child on Ctrl-C or failure,
-and names the replica and the reason when it fails. Child output goes to ``logs/`` under the
-output directory.
+the coordinator's /status for a live progress line, stops every child on Ctrl-C, SIGTERM,
+SIGHUP or failure (and the kernel kills them if the launcher itself dies: ``sgdjob.signals``),
+and names the replica and the reason when it fails. ``output`` is this run's directory
+(``sgdjob.runs`` lays them out): child output goes to its ``logs/``, and ``run.json`` records
+the run id, spec hash and state.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import IO, Any
 
 from sgdjob.api.types import SGDJob, SupervisionStatus
 from sgdjob.api.validation import spec_to_json
-from sgdjob.contract import ProcessContract, Role, with_curve
+from sgdjob.contract import EXIT_MEANINGS, ProcessContract, Role, with_curve
 from sgdjob.curvekeys import JobKeys
 from sgdjob.policy import (
     Create,
@@ -39,10 +41,12 @@ from sgdjob.policy import (
     decide,
     replica_name,
 )
+from sgdjob.runs import RunLock, new_run_id, write_record
+from sgdjob.signals import die_with_parent_preexec, stop_signals, stop_signals_ignored
 
 log = logging.getLogger("sgdjob.launcher")
 
-READY_TIMEOUT_S = 120.0
+SHARD_EXIT_TIMEOUT_S = 120.0  # after the workers: the shards only write the summary and exit
 
 
 class LaunchError(RuntimeError):
@@ -81,6 +85,7 @@ class Replica:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C reaches the launcher only; it stops children
+            preexec_fn=die_with_parent_preexec(os.getpid()),  # ... and dies with it
         )
         logf.close()
         self.exit_code = None
@@ -109,17 +114,28 @@ def describe_exit(code: int) -> str:
             return f"killed by {signal.Signals(-code).name}"
         except ValueError:
             return f"killed by signal {-code}"
-    meaning = {1: "error", 2: "invalid spec or contract", 3: "a peer stopped answering"}
-    return f"exit code {code} ({meaning.get(code, 'error')})"
+    return f"exit code {code} ({EXIT_MEANINGS.get(code, 'error')})"
 
 
 class LocalJob:
     """The processes of one job and the loop that watches them."""
 
-    def __init__(self, job: SGDJob, *, output: Path, progress: bool = True) -> None:
+    def __init__(
+        self,
+        job: SGDJob,
+        *,
+        output: Path,
+        progress: bool = True,
+        run_id: str | None = None,
+        resume: bool = False,
+    ) -> None:
         self.job = job
         self.spec = job.spec
         self.output = output
+        self.run_id = run_id or new_run_id()
+        self.resume = resume
+        self.lock = RunLock(output)
+        self.state = "new"
         self.progress = progress and sys.stderr.isatty()
         self.state_dir = output / ".sgdjob"
         self.spec_path = self.state_dir / "spec.json"
@@ -146,15 +162,33 @@ class LocalJob:
             bind="tcp://127.0.0.1:0" if ps else "",
             status_bind="127.0.0.1:0" if ps and index == 0 else "",
             ready_file=str(self.state_dir / f"ready-{index}.json") if ps else "",
+            run_id=self.run_id,
         )
         return with_curve(contract, self.keys) if self.keys else contract
 
     # -- start ---------------------------------------------------------------------------
+    def record(self, state: str) -> None:
+        """``run.json``: running, then succeeded, failed or interrupted."""
+        self.state = state
+        write_record(
+            self.output, run_id=self.run_id, job=self.job.metadata.name, spec=self.spec, state=state
+        )
+
     def start(self) -> None:
+        self.lock.acquire()
+        self.record("running")
+        try:
+            self._start()
+        except LaunchError:
+            self.record("failed")
+            raise
+
+    def _start(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         for stale in self.state_dir.glob("ready-*.json"):
             stale.unlink()
-        for name in ("metrics.jsonl", "summary.json"):
+        # A resumed run appends to its metrics; its old summary is stale either way.
+        for name in ("summary.json",) if self.resume else ("metrics.jsonl", "summary.json"):
             (self.output / name).unlink(missing_ok=True)
         self.spec_path.write_text(spec_to_json(self.spec), encoding="utf-8")
         logs = self.output / "logs"
@@ -183,8 +217,10 @@ class LocalJob:
 
     def _wait_ready(self, r: Replica) -> dict[str, Any]:
         path = Path(r.contract.ready_file)
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:
+        # Not running yet is "Pending": preRunningDeadlineSeconds bounds it, if set.
+        limit = self.spec.supervision.pre_running_deadline_seconds
+        deadline = time.monotonic() + limit if limit is not None else None
+        while deadline is None or time.monotonic() < deadline:
             if path.exists():
                 return dict(json.loads(path.read_text(encoding="utf-8")))
             code = r.poll()
@@ -193,7 +229,10 @@ class LocalJob:
                     f"{r.name} failed before it was ready: {describe_exit(code)}\n{r.tail()}"
                 )
             time.sleep(0.05)
-        raise LaunchError(f"{r.name} was not ready after {READY_TIMEOUT_S:.0f}s\n{r.tail()}")
+        raise LaunchError(
+            f"PreRunningDeadlineExceeded: {r.name} was not ready after {limit}s "
+            f"(supervision.preRunningDeadlineSeconds)\n{r.tail()}"
+        )
 
     # -- watch ---------------------------------------------------------------------------
     def status(self) -> dict[str, Any] | None:
@@ -230,6 +269,15 @@ class LocalJob:
         return Progress(step=int(status.get("step") or 0), step_times=times)
 
     def wait(self) -> None:
+        """Supervise until the job succeeds; raise LaunchError when it fails (see ``_wait``)."""
+        try:
+            self._wait()
+        except LaunchError:
+            self.record("failed")
+            raise
+        self.record("succeeded")
+
+    def _wait(self) -> None:
         """Supervise until the job succeeds; raise LaunchError when the policy fails it.
 
         The decisions are ``sgdjob.policy.decide``'s, the same the operator makes: a worker
@@ -282,7 +330,11 @@ class LocalJob:
                     if r.proc is not None:
                         r.proc.wait()
                     r.attempt = a.attempt
-                    r.contract = replace(r.contract, attempt=a.attempt)
+                    # A restarted shard counts the workers that already succeeded as done.
+                    done = tuple(w.index for w in self.workers if w.poll() == 0)
+                    r.contract = replace(
+                        r.contract, attempt=a.attempt, done_workers=done if r.role == "ps" else ()
+                    )
                     r.start()
                     if isinstance(a, Recreate):
                         self.restarted.append((r.name, why))
@@ -291,7 +343,7 @@ class LocalJob:
             self._show_progress(status)
             time.sleep(0.25)
 
-    def _wait_shards(self, timeout_s: float = 120.0) -> None:
+    def _wait_shards(self, timeout_s: float = SHARD_EXIT_TIMEOUT_S) -> None:
         """After the workers: shards exit once the coordinator wrote the summary."""
         deadline = time.monotonic() + timeout_s
         for r in self.shards:
@@ -335,6 +387,9 @@ class LocalJob:
                 r.proc.wait()
         if self.progress:
             sys.stderr.write("\n")
+        if self.state == "running":
+            self.record("interrupted")
+        self.lock.release()
 
 
 def progress_line(s: dict[str, Any]) -> str:
@@ -353,20 +408,31 @@ def progress_line(s: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-def run_local(job: SGDJob, *, output: Path, progress: bool = True) -> dict[str, Any]:
-    """Run the job to completion; returns summary.json's content or raises LaunchError."""
-    lj = LocalJob(job, output=output, progress=progress)
+def run_local(
+    job: SGDJob,
+    *,
+    output: Path,
+    progress: bool = True,
+    run_id: str | None = None,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Run the job to completion in the run directory ``output``; returns summary.json.
+
+    Raises LaunchError when the job fails, KeyboardInterrupt (``signals.Stopped`` for SIGTERM
+    and SIGHUP) when stopped; every child is stopped either way.
+    """
+    lj = LocalJob(job, output=output, progress=progress, run_id=run_id, resume=resume)
     interrupted = False
-    previous = signal.getsignal(signal.SIGINT)
     try:
-        lj.start()
-        lj.wait()
+        with stop_signals():
+            lj.start()
+            lj.wait()
     except KeyboardInterrupt:
         interrupted = True
         raise
     finally:
-        lj.stop()
-        signal.signal(signal.SIGINT, previous)
+        with stop_signals_ignored():
+            lj.stop()
         if interrupted:
             log.warning("interrupted: stopped every replica")
     summary_path = output / "summary.json"

@@ -45,8 +45,11 @@ double counts.
 
 Failure classification (workers): exit code 0 is success; OOMKilled, Evicted, Deleted (gone
 after being seen), Preempted, NodeLost, Shutdown and exit codes >= 128 (killed by a signal)
-are retryable and restart the replica while ``supervision.maxRestarts`` lasts; exit codes
-1..127 are permanent (e.g. 1/2 for an invalid spec or a usage error) and fail the job at once.
+are retryable and restart the replica while ``supervision.maxRestarts`` lasts, and so is the
+trainer's exit code 3 (``sgdjob.contract.EXIT_PEER``: a peer stopped answering, e.g. a shard
+that is being restarted or is still Pending); the other exit codes 1..127 are permanent
+(1 an error, 2 an invalid spec or contract) and fail the job at once. The exit codes
+themselves are defined in ``sgdjob.contract``.
 A local executor reports a process killed by signal N (``Popen.returncode == -N``) as exit
 code 128 + N, as a container runtime does, so both executors classify alike (a negative
 code is also taken as a signal).
@@ -86,6 +89,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from sgdjob.api.types import ReplicaSupervision, SGDJobSpec, SupervisionStatus
+from sgdjob.contract import EXIT_MEANINGS, RETRYABLE_EXIT_CODES
 
 Role = Literal["ps", "worker"]
 Phase = Literal["Pending", "Running", "Succeeded", "Failed", "Terminating"]
@@ -195,8 +199,8 @@ def expected_replicas(spec: SGDJobSpec) -> list[tuple[Role, int]]:
 
 
 def is_retryable(exit_code: int | None, reason: str) -> bool:
-    """Signals and platform kills are retryable; a program's own non-zero exit is not."""
-    if reason in RETRYABLE_REASONS:
+    """Signals, platform kills and "a peer stopped answering" are retryable; other exits not."""
+    if reason in RETRYABLE_REASONS or exit_code in RETRYABLE_EXIT_CODES:
         return True
     if exit_code is None:
         # Failed without a container exit code: the node or the kubelet lost it.
@@ -208,7 +212,8 @@ def is_retryable(exit_code: int | None, reason: str) -> bool:
 def describe_exit(exit_code: int | None, reason: str) -> str:
     parts = []
     if exit_code is not None:
-        parts.append(f"exit code {exit_code}")
+        meaning = EXIT_MEANINGS.get(exit_code) if exit_code else None
+        parts.append(f"exit code {exit_code}" + (f": {meaning}" if meaning else ""))
     if reason:
         parts.append(reason)
     return ", ".join(parts) or "no exit code"

@@ -1,18 +1,28 @@
 """Run one trainer role as a process: what `sgdjob trainer` does in a pod or a local child.
 
 The executor supplies only the ``ProcessContract`` (role, index, addresses, token, output
-directory, spec path); everything else comes from the spec. Exit codes: 0 done, 2 invalid
-spec or contract (permanent), 3 a peer stopped answering (retryable), 1 anything else.
+directory, spec path); everything else comes from the spec. Exit codes are defined in
+``sgdjob.contract`` (0 done, 1 an error, 2 invalid spec or contract or a checkpoint of another
+spec: permanent; 3 a peer stopped answering: retryable within ``supervision.maxRestarts``).
+
+How long a process waits for a peer (a shard for any message, a worker for a reply) is the
+job's own deadline, ``supervision.activeDeadlineSeconds``: the executor fails the job then
+anyway. Without one it waits as long as the executor keeps it (a restarted or Pending peer
+may take any time to come back; ``preRunningDeadlineSeconds`` bounds the Pending part).
+``SGDJOB_COMM_TIMEOUT`` (workers) and ``SGDJOB_IDLE_TIMEOUT`` (shards), in seconds, override
+it, for tests.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import secrets
 import signal
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +33,30 @@ from sgdjob.contract import (
     ENV_CURVE_CLIENT_SECRET,
     ENV_CURVE_SERVER_PUBLIC,
     ENV_CURVE_SERVER_SECRET,
+    EXIT_OK,
+    EXIT_PEER,
+    EXIT_SPEC,
     ProcessContract,
 )
 from sgdjob.output import JsonLines, atomic_write_json
+from sgdjob.runs import spec_hash
 from sgdjob.transport import CurveClient, CurveServer
 
 log = logging.getLogger("sgdjob.roles")
 
-EXIT_OK, EXIT_ERROR, EXIT_SPEC, EXIT_PEER = 0, 1, 2, 3
-IDLE_TIMEOUT_S = float(os.environ.get("SGDJOB_IDLE_TIMEOUT", "900"))
-COMM_TIMEOUT_S = float(os.environ.get("SGDJOB_COMM_TIMEOUT", "600"))
+ENV_COMM_TIMEOUT = "SGDJOB_COMM_TIMEOUT"  # a worker's wait for a shard's reply
+ENV_IDLE_TIMEOUT = "SGDJOB_IDLE_TIMEOUT"  # a shard's wait for any message
+
+
+def peer_timeout_s(
+    spec: SGDJobSpec, override: str = ENV_COMM_TIMEOUT, env: Mapping[str, str] | None = None
+) -> float | None:
+    """How long to wait for a peer before exiting EXIT_PEER; None: as long as it takes."""
+    raw = (os.environ if env is None else env).get(override, "")
+    if raw:
+        return float(raw)
+    deadline = spec.supervision.active_deadline_seconds
+    return None if deadline is None else float(deadline)
 
 
 def load_spec(path: str) -> SGDJobSpec:
@@ -42,6 +66,18 @@ def load_spec(path: str) -> SGDJobSpec:
     except (OSError, ValueError) as err:
         raise SpecError([Problem(path, f"cannot read the spec: {err}")]) from None
     return validate_spec(raw)
+
+
+def run_identity(contract: ProcessContract) -> str:
+    """The run this process's checkpoints belong to: ``SGDJOB_RUN_ID``, else the job token.
+
+    An executor older than run ids sets no ``SGDJOB_RUN_ID``; its job token is still fresh per
+    job (a Secret per SGDJob, per ``sgdjob run`` locally), so checkpoints left by an earlier
+    job of the same name are still never restored.
+    """
+    if contract.run_id:
+        return contract.run_id
+    return "token-" + hashlib.sha256(contract.token.encode()).hexdigest()[:16]
 
 
 def curve_missing(contract: ProcessContract) -> list[str]:
@@ -114,7 +150,7 @@ def run_role(contract: ProcessContract) -> int:
             addrs=contract.shard_addrs,
             token=token,
             output_dir=contract.output_dir,
-            timeout_s=COMM_TIMEOUT_S,
+            timeout_s=peer_timeout_s(spec),
             attempt=contract.attempt,
             curve=client_curve(contract) if spec.security.curve else None,
         )
@@ -134,9 +170,9 @@ def run_shard_process(contract: ProcessContract, spec: SGDJobSpec, token: bytes)
     import torch
     import zmq
 
-    from sgdjob.checkpoint import Checkpointer
+    from sgdjob.checkpoint import Checkpointer, CheckpointMismatch
     from sgdjob.data import dataset_dims
-    from sgdjob.httpstatus import serve_status
+    from sgdjob.httpstatus import CachedChecksum, serve_status
     from sgdjob.models import FlatModel, build_model
     from sgdjob.shard import Shard
     from sgdjob.slicing import partition
@@ -193,23 +229,35 @@ def run_shard_process(contract: ProcessContract, spec: SGDJobSpec, token: bytes)
             offset=s.offset,
             count=s.count,
             keep=spec.checkpoint.keep,
+            run_id=run_identity(contract),
+            spec_hash=spec_hash(spec),
         )
-        state = ckpt.load_latest()
+        try:
+            state = ckpt.load_latest()
+        except CheckpointMismatch as err:
+            log.error("shard %d: %s", k, err)
+            return EXIT_SPEC
         if state is not None:
             shard.restore(state)
             log.warning(
                 "shard %d: restored version %d from its newest valid checkpoint", k, state.version
             )
+    if contract.done_workers:
+        # The executor saw these workers succeed: they will never push again.
+        shard.workers_exited(contract.done_workers)
     last_saved = shard.version
+    last_milestone = shard.milestone()
     status_port = 0
     if contract.status_bind:
+        # The parameters change only with the version: one pass per version at most.
+        params_checksum = CachedChecksum(shard.checksum, key=lambda: shard.version)
 
         def snapshot(checksum: bool = False) -> dict[str, Any]:
             s = stats.status()
             s["bytesSent"] = endpoint.counters.bytes_sent
             s["bytesReceived"] = endpoint.counters.bytes_received
             if checksum:  # a pass over the whole slice: only when asked (?checksum=1)
-                s["paramsChecksum"] = shard.checksum()
+                s["paramsChecksum"] = params_checksum()
             return s
 
         _, status_port = serve_status(contract.status_bind, status=snapshot, job=contract.job_name)
@@ -224,6 +272,7 @@ def run_shard_process(contract: ProcessContract, spec: SGDJobSpec, token: bytes)
         concrete,
     )
     metrics = MetricsWriter(Path(contract.output_dir), stats) if k == 0 else None
+    idle_s = peer_timeout_s(spec, ENV_IDLE_TIMEOUT)
     last_msg = time.monotonic()
     try:
         while True:
@@ -234,17 +283,24 @@ def run_shard_process(contract: ProcessContract, spec: SGDJobSpec, token: bytes)
                     stats.reject("TRUNCATED")
                 else:
                     shard.handle(msg)
-                    if ckpt is not None and every and shard.version - last_saved >= every:
+                    # Also saved when a worker is done or the training finished: a shard
+                    # restored after workers exited must not wait for steps nobody will send.
+                    milestone = shard.milestone()
+                    if (
+                        ckpt is not None
+                        and every
+                        and (shard.version - last_saved >= every or milestone != last_milestone)
+                    ):
                         # Synchronous on purpose: once version v is acknowledged, a crash
                         # loses at most `every` versions, never a half-written file.
                         ckpt.save(shard.state())
-                        last_saved = shard.version
+                        last_saved, last_milestone = shard.version, milestone
             if metrics:
                 metrics.tick()
             if shard.should_exit() and (k != 0 or stats.final_report is not None):
                 break
-            if time.monotonic() - last_msg > IDLE_TIMEOUT_S:
-                log.error("shard %d: no message for %.0fs; giving up", k, IDLE_TIMEOUT_S)
+            if idle_s is not None and time.monotonic() - last_msg > idle_s:
+                log.error("shard %d: no message for %.0fs; giving up", k, idle_s)
                 return EXIT_PEER
         shard.flush_sends()
         with stats.lock:

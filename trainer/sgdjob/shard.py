@@ -118,6 +118,7 @@ class Shard:
         self._acc = np.empty(slice_.count, dtype=np.float32)
         self.pulls: list[PendingPull] = []
         self.done: set[int] = set()
+        self.exited: set[int] = set()  # workers that sent DONE or that the executor saw succeed
         self.next_step: dict[int, int] = {}  # worker -> step after its last push
         self.trackers: list[zmq.MessageTracker] = []
         comp = spec.compression
@@ -127,6 +128,10 @@ class Shard:
         self.mirrors: dict[int, ParameterMirror] = {}  # worker -> what it holds (serverToWorker)
         self.greeted: set[int] = set()  # workers that said hello to this process
         self.last_pull_seq: dict[int, int] = {}
+        # serverToWorker: the request number each worker was last answered, and that answer
+        # if it was an update (header and bytes), so a re-sent request gets the same bytes.
+        self.answered: dict[int, int] = {}
+        self.last_update: dict[int, tuple[Header, list[bytes]]] = {}
         self.restored_from: int | None = None  # version of the checkpoint this process loaded
         stats.incarnation = incarnation
 
@@ -134,8 +139,32 @@ class Shard:
     @property
     def finished(self) -> bool:
         if self.mode == "sync":
-            return self.total_steps is not None and self.version >= self.total_steps
+            # Every worker done and nothing left to close: nobody will push again (a shard
+            # restored behind the others after the workers exited).
+            ran_all = self.total_steps is not None and self.version >= self.total_steps
+            return ran_all or (len(self.done) >= self.n_workers and not self.pending)
         return len(self.done) >= self.n_workers
+
+    def milestone(self) -> tuple[int, bool]:
+        """Changes when a worker leaves or the training finishes: worth a checkpoint then."""
+        return len(self.exited), self.finished
+
+    def workers_exited(self, workers: Sequence[int]) -> None:
+        """These workers are gone for good (DONE, or the executor saw them succeed)."""
+        new = {w for w in workers if 0 <= w < self.n_workers}
+        self.exited |= new
+        self.done |= new
+        self._maybe_close()
+        self._serve_pulls()
+
+    def _needed(self) -> int:
+        """Sync: gradients that close a step; workers gone for good push no more."""
+        coming = set(range(self.n_workers)) - self.done
+        return max(1, min(self.replicas, len(coming | set(self.pending))))
+
+    def _maybe_close(self) -> None:
+        if self.mode == "sync" and self.pending and len(self.pending) >= self._needed():
+            self._close_step()
 
     def should_exit(self) -> bool:
         return len(self.done) >= self.n_workers and not self.pulls
@@ -146,7 +175,8 @@ class Shard:
         if self.rule.odena is not None:
             arrays["odenaMeanAbs"] = self.rule.odena.mean_abs
         with self.stats.lock:
-            extra = {"samples": self.stats.samples, "started": self.stats.started}
+            extra: dict[str, Any] = {"samples": self.stats.samples, "started": self.stats.started}
+        extra["exited"] = sorted(self.exited)
         return ShardState(
             shard=self.slice.shard,
             offset=self.slice.offset,
@@ -168,6 +198,9 @@ class Shard:
         self.total_steps = state.total_steps
         self.next_step = dict(state.next_step)
         self.restored_from = state.version
+        exited = [int(w) for w in state.extra.get("exited", [])]
+        self.exited |= set(exited)
+        self.done |= set(exited)
         with self.stats.lock:
             self.stats.version = state.version
             self.stats.total_steps = state.total_steps
@@ -222,8 +255,7 @@ class Shard:
             self._report(h, msg)
         elif h.op == Op.DONE:
             self._expect_no_payload(h, msg)
-            self.done.add(h.worker)
-            self._serve_pulls()
+            self.workers_exited([h.worker])
         else:
             raise ProtocolError(ErrorCode.BAD_OP, f"{h.op.name} is not a request")
 
@@ -251,7 +283,10 @@ class Shard:
             )
         self.greeted.add(h.worker)
         self.done.discard(h.worker)  # a restarted worker is back in the game
+        self.exited.discard(h.worker)
         self.mirrors.pop(h.worker, None)  # ... and holds no parameters: next pull is full
+        self.answered.pop(h.worker, None)
+        self.last_update.pop(h.worker, None)
         self.stats.record_hello(h.worker)
         # A worker never resumes past its last step (h.step, the job's step count by now): the
         # WELCOME's u64 step field must hold it even after a push that claimed step 2**64 - 1.
@@ -335,9 +370,10 @@ class Shard:
         self.next_step[h.worker] = max(self.next_step.get(h.worker, 0), h.step + 1)
         self.stats.record_push(h.worker)
         if self.mode == "sync":
-            if h.version < self.version or self.finished:
-                # A backup worker lost the race for this step, or this shard already ran
-                # every step (another shard restarted and the workers replay its steps).
+            if h.version < self.version or h.step < self.version or self.finished:
+                # A backup worker lost the race for this step, or the step is closed here
+                # already: another shard restarted from an older checkpoint and the workers
+                # replay its lost steps (steps < version), or this shard ran every step.
                 self.stats.record_drop(h.worker)
                 return
             if h.worker in self.pending:
@@ -345,8 +381,7 @@ class Shard:
             # Kept as received (zero-copy; 1-bit frames are 1/32 of the slice) and summed in
             # worker order at close, so a fixed-seed run is reproducible bit for bit.
             self.pending[h.worker] = list(msg.frames)
-            if len(self.pending) >= self.replicas:
-                self._close_step()
+            self._maybe_close()
             return
         tau = self.version - h.version
         self.stats.record_staleness(tau)
@@ -412,6 +447,14 @@ class Shard:
         if self.last_pull_seq.get(h.worker) != h.step:  # a re-sent request is not a new pull
             self.last_pull_seq[h.worker] = h.step
             self.stats.record_pull(h.worker)
+        if self.server_to_worker and self.answered.get(h.worker) == h.step:
+            # Answered already: encoding again would advance the mirror a second time while
+            # the worker applies one answer. Send the same update again, or (after a full
+            # answer, which set the mirror to the parameters of then) nothing.
+            cached = self.last_update.get(h.worker)
+            if cached is not None:
+                self.send(cached[0], cached[1], identity=identity)
+            return
         self.pulls.append(PendingPull(identity, h.worker, h.version, final, h.step))
         self._serve_pulls()
 
@@ -460,20 +503,22 @@ class Shard:
         if self.server_to_worker and mirror is not None and not p.final:
             # The worker holds `mirror`: send the 1-bit update towards the parameters.
             enc = mirror.encode_update(self.params)
-            self.send(
-                header(
-                    nbytes=enc.nbytes,
-                    nframes=2,
-                    dtype=DType.ONEBIT,
-                    compression=Compression.ONEBIT,
-                    bucket_size=self.bucket_size,
-                    flags=flags | Flags.DELTA,
-                ),
-                [enc.bits.data, enc.scales.data],
-                identity=p.identity,
+            h = header(
+                nbytes=enc.nbytes,
+                nframes=2,
+                dtype=DType.ONEBIT,
+                compression=Compression.ONEBIT,
+                bucket_size=self.bucket_size,
+                flags=flags | Flags.DELTA,
             )
+            frames_ = [enc.bits.tobytes(), enc.scales.tobytes()]  # 1/32 of the slice
+            self.answered[p.worker] = p.seq
+            self.last_update[p.worker] = (h, frames_)
+            self.send(h, frames_, identity=p.identity)
             return
         if self.server_to_worker:
+            self.answered[p.worker] = p.seq
+            self.last_update.pop(p.worker, None)
             if mirror is None:
                 self.mirrors[p.worker] = ParameterMirror(self.params, self.bucket_size)
             else:

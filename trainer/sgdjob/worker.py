@@ -103,7 +103,7 @@ def run_worker(
     addrs: tuple[str, ...],
     token: bytes,
     output_dir: str,
-    timeout_s: float = 600.0,
+    timeout_s: float | None = None,
     chunk_bytes: int = 4 << 20,
     dataset: Dataset | None = None,
     attempt: int = 0,

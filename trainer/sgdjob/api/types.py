@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
+
+from sgdjob.api.quantity import normalise
 
 API_GROUP = "sgdjob.dev"
 API_VERSION_NAME = "v1alpha1"
@@ -311,7 +313,6 @@ class SGDJobStatus(BaseModel):
 
 # --- Supervision and Kubernetes placement (the operator's issue) -------------------------------
 
-QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|Pi|Ei|M|G|T|P|E)?$"
 RESOURCE_NAME = r"^([a-z0-9.-]+/)?[a-zA-Z0-9]([-a-zA-Z0-9_.]*[a-zA-Z0-9])?$"
 
 
@@ -358,10 +359,18 @@ class SupervisionSpec(Strict):
 
 
 class ResourcesSpec(Strict):
-    """Container resource requests and limits, as Kubernetes quantities."""
+    """Container resource requests and limits, as Kubernetes quantities (``api.quantity``)."""
 
-    requests: dict[str, str] = Field(default_factory=dict)
-    limits: dict[str, str] = Field(default_factory=dict)
+    requests: dict[str, int | str] = Field(default_factory=dict)
+    limits: dict[str, int | str] = Field(default_factory=dict)
+
+    @field_validator("requests", "limits", mode="before")
+    @classmethod
+    def _floats_as_strings(cls, value: Any) -> Any:
+        # `cpu: .5` is a YAML float; the CRD says int-or-string, so keep its decimal text.
+        if isinstance(value, dict):
+            return {k: normalise(v) for k, v in value.items()}
+        return value
 
 
 class TolerationSpec(Strict):

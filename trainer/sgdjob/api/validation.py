@@ -17,7 +17,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from sgdjob.api.types import QUANTITY, RESOURCE_NAME, SGDJob, SGDJobSpec
+from sgdjob.api.quantity import QuantityError, parse_quantity
+from sgdjob.api.types import RESOURCE_NAME, SGDJob, SGDJobSpec
 
 GPU_RESOURCE = "nvidia.com/gpu"
 
@@ -127,13 +128,29 @@ def kubernetes_problems(spec: SGDJobSpec, prefix: str = "spec") -> list[Problem]
         ("psResources", spec.kubernetes.ps_resources),
         ("workerResources", spec.kubernetes.worker_resources),
     ):
+        values: dict[str, dict[str, Any]] = {"requests": {}, "limits": {}}
         for kind, table in (("requests", res.requests), ("limits", res.limits)):
             for name, qty in table.items():
                 where = f"{kp}.{alias}.{kind}.{name}"
                 if not re.match(RESOURCE_NAME, name):
                     out.append(Problem(where, "not a valid resource name"))
-                if not re.match(QUANTITY, qty):
-                    out.append(Problem(where, f"{qty!r} is not a Kubernetes quantity"))
+                try:
+                    value = parse_quantity(qty)
+                except QuantityError as err:
+                    out.append(Problem(where, str(err)))
+                    continue
+                if value < 0:
+                    out.append(Problem(where, f"{qty!r} must not be negative"))
+                values[kind][name] = value
+        for name, request in values["requests"].items():
+            limit = values["limits"].get(name)
+            if limit is not None and request > limit:
+                out.append(
+                    Problem(
+                        f"{kp}.{alias}.requests.{name}",
+                        f"must be less than or equal to the limit {res.limits[name]!r}",
+                    )
+                )
     worker = spec.kubernetes.worker_resources
     if GPU_RESOURCE in worker.limits or GPU_RESOURCE in worker.requests:
         out.append(
@@ -185,10 +202,35 @@ def load_job(path: str | Path) -> SGDJob:
     return parse_job_text(text, source=str(p))
 
 
+class DuplicateKey(yaml.constructor.ConstructorError):
+    """A mapping names a key twice (the API server's strict decoding refuses it too)."""
+
+
+class StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a duplicate key is an error, not "the last wins"."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor` merges, and may override, on purpose
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                first = seen[key].start_mark
+                raise DuplicateKey(
+                    None,
+                    None,
+                    f"duplicate key {key!r} (first at line {first.line + 1})",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
 def parse_job_text(text: str, *, source: str = "<input>") -> SGDJob:
-    """Parse YAML/JSON text holding exactly one SGDJob document."""
+    """Parse YAML/JSON text holding exactly one SGDJob document; duplicate keys are errors."""
     try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+        docs = [d for d in yaml.load_all(text, Loader=StrictLoader) if d is not None]
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
