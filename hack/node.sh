@@ -342,7 +342,8 @@ for ns in spec.get("linux", {}).get("namespaces", []):
   for n in "${netns[@]}"; do
     [[ -e "$n" ]] || continue
     umount "$n" 2>/dev/null || true
-    rm -f "$n"
+    # Still busy if it was hidden under someone's bind mount of its directory: leave it.
+    rm -f "$n" 2>/dev/null || log "cannot remove $n (still mounted elsewhere)"
   done
   log "removed $(wc -w <<<"$ids") container(s)"
 }
