@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup tools run test test-slow test-cluster cluster-up cluster-down lint bench crd e2e-kind clean
+.PHONY: setup tools run test test-slow test-cluster test-node cluster-up cluster-down lint bench crd e2e-kind clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,8 +47,14 @@ cluster-down:
 
 # The operator suite and the install checks on the real API server (brings the cluster up
 # for the session unless `make cluster-up` already did, and stops what it started).
+# The control-plane suite plays the kubelet itself, so it runs on a cluster without a node.
 test-cluster: tools
-	$(PY) -m pytest -m "cluster" -p no:cacheprovider $(PYTEST_ARGS)
+	CLUSTER_NODE=0 $(PY) -m pytest -m "cluster and not node" -p no:cacheprovider $(PYTEST_ARGS)
+
+# Real pods: the node (containerd, kubelet, kube-proxy, CoreDNS), the real images and the chart's
+# operator in a pod (hack/node.sh, hack/images.sh); slow on a cold machine (image builds).
+test-node: tools
+	$(PY) -m pytest -m "node" -p no:cacheprovider $(PYTEST_ARGS)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m "slow" $(PYTEST_ARGS)

@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sgdjob.api.defaults import pod_output_dir
+from sgdjob.api.defaults import pod_output_dir, run_output_dir
 from sgdjob.api.types import API_VERSION, KIND, ObjectMeta, ResourcesSpec, SGDJob, SGDJobSpec
 from sgdjob.api.validation import GPU_RESOURCE, spec_to_json
 from sgdjob.contract import (
@@ -260,7 +260,9 @@ def pod(
         spec_path=f"{SPEC_DIR}/{SPEC_KEY}",
         # The literal token never enters the pod spec; _env swaps in a secretKeyRef.
         token="<from-secret>",
-        output_dir=output,
+        # The claim is mounted at `output`; this run writes below it, in its own directory,
+        # so jobs sharing a claim (or a job created again under its name) never collide.
+        output_dir=run_output_dir(output, ref.name, ref.uid),
         shard_addrs=() if is_ps else shard_addrs(ref, spec, settings.cluster_domain),
         bind=f"tcp://0.0.0.0:{ps.port}" if is_ps else "",
         status_bind=f"0.0.0.0:{ps.status_port}" if is_ps and index == 0 else "",

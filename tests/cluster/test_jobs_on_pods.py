@@ -39,7 +39,10 @@ def test_digits_sync_with_a_claim_succeeds_and_leaves_its_model_on_the_claim(
     header, row = table.splitlines()[:2]
     assert "LOSS" in header and "ACCURACY" in header
     assert "Succeeded" in row and str(st["accuracy"])[:4] in row
-    out = node.claim_dir(namespace, "out")
+    uid = node.kubectl(
+        "-n", namespace, "get", "sgdj", "digits-sync", "-o", "jsonpath={.metadata.uid}"
+    )
+    out = node.claim_dir(namespace, "out") / "digits-sync" / uid.strip()  # this run's directory
     summary = json.loads((out / "summary.json").read_text())
     assert summary["mode"] == "sync" and summary["finalAccuracy"] >= 0.93
     state = torch.load(out / "model.pt", map_location="cpu", weights_only=True)

@@ -86,7 +86,7 @@ async def test_creating_an_sgdjob_yields_configmap_secret_service_shards_and_wor
         assert env["SGDJOB_ROLE"] == role and env["SGDJOB_INDEX"] == str(index)
         assert env["SGDJOB_JOB_NAME"] == "j"
         assert env["SGDJOB_SPEC"] == "/etc/sgdjob/spec.json"
-        assert env["SGDJOB_OUTPUT"] == "/output"
+        assert env["SGDJOB_OUTPUT"] == f"/output/j/{uid}"  # this run's own directory
         assert env["SGDJOB_TOKEN"] == {"secretKeyRef": {"name": "j-token", "key": "token"}}
         volumes = {v["name"]: v for v in spec["volumes"]}
         assert volumes["spec"]["configMap"]["name"] == "j-spec"
