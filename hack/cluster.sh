@@ -68,7 +68,7 @@ alive() {
   [[ -f "$pidfile" ]] || return 1
   pid="$(cat "$pidfile")"
   [[ -n "$pid" && -r "/proc/$pid/cmdline" ]] || return 1
-  tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q -- "$CLUSTER_DIR"
+  grep -q -- "$CLUSTER_DIR" <<<"$(tr '\0' ' ' <"/proc/$pid/cmdline")"
 }
 
 start() {  # start NAME BINARY ARGS...: detached, logs in logs/NAME.log, PID in run/NAME.pid

@@ -70,7 +70,7 @@ alive() {  # alive NAME: run/NAME.pid is alive and its command line names our cl
   [[ -f "$pidfile" ]] || return 1
   pid="$(cat "$pidfile")"
   [[ -n "$pid" && -r "/proc/$pid/cmdline" ]] || return 1
-  tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q -- "${2:-$CLUSTER_DIR}"
+  grep -q -- "${2:-$CLUSTER_DIR}" <<<"$(tr '\0' ' ' <"/proc/$pid/cmdline")"
 }
 
 start() {  # start NAME BINARY ARGS...: detached, logs in logs/NAME.log, PID in run/NAME.pid
@@ -130,7 +130,7 @@ write() {
 install() {
   local missing=() p
   for p in "${PACKAGES[@]}"; do
-    dpkg-query -W -f '${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+    grep -q 'install ok installed' <<<"$(dpkg-query -W -f '${Status}' "$p" 2>/dev/null)" || missing+=("$p")
   done
   [[ ${#missing[@]} -eq 0 ]] && return
   [[ $(id -u) -eq 0 ]] || die "installing ${missing[*]} needs root"
@@ -465,7 +465,7 @@ PY
 }
 
 coredns_build() {
-  [[ -x "$COREDNS_BIN" ]] && "$COREDNS_BIN" -version 2>/dev/null | grep -q "${COREDNS_VERSION#v}" && return
+  [[ -x "$COREDNS_BIN" ]] && grep -q "${COREDNS_VERSION#v}" <<<"$("$COREDNS_BIN" -version 2>/dev/null)" && return
   command -v go >/dev/null || die "go is not installed: cannot build CoreDNS"
   log "building CoreDNS $COREDNS_VERSION from its Go module"
   mkdir -p "$(dirname "$COREDNS_BIN")"

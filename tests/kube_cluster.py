@@ -114,7 +114,13 @@ def _have_binaries() -> bool:
 def kube_cluster() -> Iterator[KubeCluster]:
     """The local cluster, up for the whole session (see the module docstring)."""
     started = False
-    if not _healthy():
+    if _healthy():
+        # Up already (make cluster-up): re-apply the chart, so the CRD and RBAC under test are
+        # this tree's (idempotent, seconds).
+        proc = _cluster_sh("up")
+        if proc.returncode != 0:
+            _skip_or_fail(f"hack/cluster.sh up failed: {proc.stderr.strip()[-2000:]}")
+    else:
         if shutil.which("go") is None and not _have_binaries():
             _skip_or_fail("no Go toolchain to build kube-apiserver (hack/build-kube.sh needs go)")
         if not (KUBECTL.exists() and HELM.exists()):
