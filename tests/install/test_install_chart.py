@@ -101,6 +101,9 @@ def _normalise(node: Any) -> Any:
         return [_normalise(v) for v in node]
     if isinstance(node, int | float) and not isinstance(node, bool):
         return float(node)
+    if isinstance(node, str) and re.fullmatch(r"-?[0-9.]+e[-+]?[0-9]+", node):
+        # Helm writes 1e-08, a float to Go's YAML but a string to PyYAML's YAML 1.1.
+        return float(node)
     return node
 
 

@@ -133,6 +133,8 @@ def test_printer_columns_point_at_fields_that_exist() -> None:
         "Phase",
         "Step",
         "Loss",
+        "Metric",
+        "Value",
         "Workers",
         "Restarts",
         "Age",
