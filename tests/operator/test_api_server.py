@@ -5,6 +5,7 @@ printer columns and rotated credentials. Each operator here runs as the chart's 
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 from typing import Any
 
@@ -238,8 +239,11 @@ async def test_kubectl_get_shows_the_status_the_operator_wrote(cluster: Cluster)
             what="a report while running",
         )
     out = cluster.kc.kubectl("-n", cluster.ns, "get", "sgdj", "j", "-o", "wide")
-    header, row = out.strip().splitlines()
-    cols = dict(zip(header.split(), row.split(), strict=False))
+    header, row = out.rstrip("\n").splitlines()
+    # Columns by their header's offsets: an empty column prints nothing, not a placeholder.
+    starts = [m.start() for m in re.finditer(r"\S+", header)]
+    ends = [*starts[1:], None]
+    cols = {header[a:b].strip(): row[a:b].strip() for a, b in zip(starts, ends, strict=True)}
     st = status(cluster)
     assert cols["PHASE"] == st["phase"] == "Running"
     assert cols["LOSS"] == "0.5" and cols["ACCURACY"] == "0.8"
