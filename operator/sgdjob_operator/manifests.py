@@ -211,12 +211,15 @@ def _resources(res: ResourcesSpec, gpus: int = 0) -> dict[str, Any]:
 
 
 def _anti_affinity(avoid_nodes: Sequence[str]) -> dict[str, Any]:
+    # Preferred, not required: the scheduler puts the replacement on another node whenever one
+    # fits, and back on a slow node only when no other can take it (one node, a full cluster).
+    # A required rule would leave the replacement Pending there, and the job stuck for good.
     term = {"key": HOSTNAME_LABEL, "operator": "NotIn", "values": sorted(set(avoid_nodes))}
     return {
         "nodeAffinity": {
-            "requiredDuringSchedulingIgnoredDuringExecution": {
-                "nodeSelectorTerms": [{"matchExpressions": [term]}]
-            }
+            "preferredDuringSchedulingIgnoredDuringExecution": [
+                {"weight": 100, "preference": {"matchExpressions": [term]}}
+            ]
         }
     }
 
@@ -242,7 +245,8 @@ def pod(
     settings: PodSettings,
     avoid_nodes: Sequence[str] = (),
 ) -> Manifest:
-    """A shard or worker pod for this attempt; ``avoid_nodes`` become node anti-affinity."""
+    """A shard or worker pod for this attempt; ``avoid_nodes`` become preferred node
+    anti-affinity."""
     k8s = spec.kubernetes
     ps = spec.parameter_servers
     job = SGDJob(

@@ -77,10 +77,11 @@ def test_a_replaced_pod_avoids_old_nodes_and_uses_the_specs_image_and_pull_polic
     (container,) = body["spec"]["containers"]
     assert container["image"] == "mine:2" and container["imagePullPolicy"] == "Always"
     assert body["metadata"]["labels"]["sgdjob.dev/attempt"] == "3"
-    terms = body["spec"]["affinity"]["nodeAffinity"][
-        "requiredDuringSchedulingIgnoredDuringExecution"
-    ]["nodeSelectorTerms"]
-    assert terms[0]["matchExpressions"][0]["values"] == ["n1", "n2"]
+    affinity = body["spec"]["affinity"]["nodeAffinity"]
+    assert "requiredDuringSchedulingIgnoredDuringExecution" not in affinity  # never stuck Pending
+    (pref,) = affinity["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert pref["weight"] == 100
+    assert pref["preference"]["matchExpressions"][0]["values"] == ["n1", "n2"]
     assert "resources" not in container  # nothing requested, no GPUs
 
 

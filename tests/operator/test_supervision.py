@@ -182,8 +182,10 @@ async def test_a_slow_worker_reported_by_the_coordinator_is_replaced(cluster: Cl
                 lambda: status(cluster).get("replacedStragglers") == 1 and status(cluster)
             )
     pod = cluster.pods()["j-worker-2"]
-    term = pod["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
-    assert term["nodeSelectorTerms"] == [
+    (term,) = pod["spec"]["affinity"]["nodeAffinity"][
+        "preferredDuringSchedulingIgnoredDuringExecution"
+    ]
+    assert [term["preference"]] == [
         {
             "matchExpressions": [
                 {
