@@ -312,6 +312,42 @@ INVALID: list[tuple[str, dict[str, Any]]] = [
     ("staleness in sync", {"training": {"maxSteps": 5, "staleness": "zhang"}}),
     ("lazy fetches outside downpour", {"training": {"maxSteps": 5, "fetchEvery": 3}}),
     ("a bad compression kind", {"compression": {"kind": "zip"}}),
+    ("odena's scale in sync", {"training": {"maxSteps": 5, "odenaScale": 2.0}}),
+    # The workload rules (model, data, task, optimizer, schedule), CEL twins of Python's.
+    ("a custom task without its entry point", {"training": {"maxSteps": 5, "task": "custom"}}),
+    (
+        "a language model on digits with an MLP",
+        {"training": {"maxSteps": 5, "task": "languageModel"}},
+    ),
+    (
+        "heads that do not divide dModel",
+        {"model": {"builtin": "mlp", "transformer": {"dModel": 10, "heads": 4}}},
+    ),
+    (
+        "rotary positions with an odd head width",
+        {
+            "model": {
+                "builtin": "mlp",
+                "transformer": {"dModel": 12, "heads": 4, "positions": "rotary"},
+            }
+        },
+    ),
+    ("an Adam knob on SGD", {"training": {"maxSteps": 5, "beta2": 0.99}}),
+    ("Nesterov without momentum", {"training": {"maxSteps": 5, "nesterov": True, "momentum": 0}}),
+    ("momentum on Adam", {"training": {"maxSteps": 5, "optimizer": "adam", "momentum": 0.5}}),
+    ("Nesterov on AdamW", {"training": {"maxSteps": 5, "optimizer": "adamw", "nesterov": True}}),
+    (
+        "odena with Adam",
+        {"training": {"maxSteps": 5, "optimizer": "adam", "mode": "async", "staleness": "odena"}},
+    ),
+    (
+        "warmup as long as the run",
+        {"training": {"maxSteps": 5, "schedule": {"kind": "cosine", "warmupSteps": 5}}},
+    ),
+    (
+        "a cosine floor above the rate",
+        {"training": {"maxSteps": 5, "lr": 0.01, "schedule": {"kind": "cosine", "minLr": 0.1}}},
+    ),
 ]
 
 

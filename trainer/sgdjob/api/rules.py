@@ -13,7 +13,10 @@ Rules that only Python can check (entry points that must import, per-key dict ch
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+
+from sgdjob.api.workloads import DATA_TASK, MODEL_TASKS
 
 
 def _is_set(field: str) -> str:
@@ -28,6 +31,13 @@ def _get(field: str, default: str) -> str:
 
 _MODE = _get("mode", "'sync'")
 _STALENESS = _get("staleness", "'none'")
+_OPTIMIZER = _get("optimizer", "'sgd'")
+_MOMENTUM = _get("momentum", "0.9")
+_NESTEROV = _get("nesterov", "false")
+# On the spec: the task of `training`, which a rule on the spec reads beside `model`/`data`.
+_TASK_HERE = _get("task", "'classification'")
+_POSITIONS = _get("positions", "'learned'")
+_TASK = "(has(self.training) && has(self.training.task) ? self.training.task : 'classification')"
 
 
 @dataclass(frozen=True)
@@ -38,9 +48,13 @@ class Rule:
     rule: str
     message: str
     field_path: str = ""  # relative to ``at``, e.g. ".backupWorkers"; "" is the object itself
+    # A CEL string expression for a message that names values (``message`` is the fallback).
+    message_expression: str = ""
 
     def as_validation(self) -> dict[str, str]:
         out = {"rule": self.rule, "message": self.message}
+        if self.message_expression:
+            out["messageExpression"] = self.message_expression
         if self.field_path:
             out["fieldPath"] = self.field_path
         return out
@@ -55,6 +69,112 @@ def _exactly_one(section: str, a: str, b: str) -> Rule:
         f"has({sec}) && (has({sec}.{a}) != has({sec}.{b}))",
         f"set exactly one of `{a}` and `{b}`",
         f".{section}",
+    )
+
+
+def _cel_map(table: Mapping[str, object]) -> str:
+    """A CEL map literal of strings (or lists of strings)."""
+
+    def value(v: object) -> str:
+        if isinstance(v, (tuple, list)):
+            return "[" + ", ".join(f"'{x}'" for x in v) + "]"
+        return f"'{v}'"
+
+    return "{" + ", ".join(f"'{k}': {value(v)}" for k, v in table.items()) + "}"
+
+
+def _sgd_only_default(alias: str, default: str) -> Rule:
+    return Rule(
+        "training",
+        f"{_OPTIMIZER} != 'sgd' || {_get(alias, default)} == {default}",
+        "applies only to `adam` and `adamw`",
+        f".{alias}",
+    )
+
+
+def _workload_rules() -> tuple[Rule, ...]:
+    """The CEL twins of ``validation.workload_problems``, from the same task tables."""
+    made_for = {m: " or ".join(f"`{t}`" for t in tasks) for m, tasks in MODEL_TASKS.items()}
+    head_width = f"({_get('dModel', '128')} / {_get('heads', '4')})"
+    return (
+        Rule(
+            "training",
+            f"({_TASK_HERE} == 'custom') == {_is_set('taskEntryPoint')}",
+            "set it exactly when `task` is `custom`",
+            ".taskEntryPoint",
+        ),
+        Rule(
+            "",
+            f"!has(self.data) || !has(self.data.builtin) || {_TASK} == 'custom'"
+            f" || {_cel_map(DATA_TASK)}[self.data.builtin] == {_TASK}",
+            "the built-in data set is made for another task",
+            ".training.task",
+            message_expression=f"'data.builtin `' + self.data.builtin + '` is a `' + "
+            f"{_cel_map(DATA_TASK)}[self.data.builtin] + '` data set'",
+        ),
+        Rule(
+            "",
+            f"!has(self.model) || !has(self.model.builtin) || {_TASK} == 'custom'"
+            f" || {_TASK} in {_cel_map(MODEL_TASKS)}[self.model.builtin]",
+            "the built-in model is made for another task",
+            ".training.task",
+            message_expression="'model.builtin `' + self.model.builtin + '` is made for ' + "
+            f"{_cel_map(made_for)}[self.model.builtin]",
+        ),
+        Rule(
+            "model.transformer",
+            f"{_get('dModel', '128')} % {_get('heads', '4')} == 0",
+            "must divide dModel",
+            ".heads",
+        ),
+        Rule(
+            "model.transformer",
+            f"{_POSITIONS} != 'rotary'"
+            f" || {_get('dModel', '128')} % {_get('heads', '4')} != 0 || {head_width} % 2 == 0",
+            "rotary needs an even head width",
+        ),
+        _sgd_only_default("beta1", "0.9"),
+        _sgd_only_default("beta2", "0.999"),
+        _sgd_only_default("eps", "1e-8"),
+        Rule(
+            "training",
+            f"{_OPTIMIZER} != 'sgd' || !{_NESTEROV} || {_MOMENTUM} > 0.0",
+            "Nesterov momentum needs momentum > 0",
+            ".nesterov",
+        ),
+        Rule(
+            "training",
+            f"{_OPTIMIZER} == 'sgd' || !{_NESTEROV}",
+            "applies only to `sgd`",
+            ".nesterov",
+        ),
+        Rule(
+            "training",
+            f"{_OPTIMIZER} == 'sgd' || {_MOMENTUM} == 0.9",
+            "applies only to `sgd`; Adam uses beta1",
+            ".momentum",
+        ),
+        Rule(
+            "training",
+            f"{_OPTIMIZER} == 'sgd' || {_STALENESS} != 'odena'",
+            "`odena` scales each gradient element, which Adam's normalisation undoes; "
+            "use `zhang` or `none` with Adam",
+            ".staleness",
+        ),
+        Rule(
+            "training",
+            "!has(self.maxSteps) || !has(self.schedule) || !has(self.schedule.warmupSteps)"
+            " || self.schedule.warmupSteps < self.maxSteps",
+            "must be less than maxSteps",
+            ".schedule.warmupSteps",
+        ),
+        Rule(
+            "training",
+            "!has(self.schedule) || !has(self.schedule.kind) || self.schedule.kind != 'cosine'"
+            f" || {_get('schedule.minLr', '0.0')} <= {_get('lr', '0.05')}",
+            "must not exceed lr",
+            ".schedule.minLr",
+        ),
     )
 
 
@@ -89,6 +209,12 @@ SPEC_RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "training",
+        f"{_MODE} != 'sync' || {_get('odenaScale', '1.0')} == 1.0",
+        "staleness rules apply only to async modes",
+        ".odenaScale",
+    ),
+    Rule(
+        "training",
         f"{_MODE} == 'downpour' || {_get('fetchEvery', '1')} == 1",
         "only `downpour` mode fetches/pushes lazily",
         ".fetchEvery",
@@ -99,4 +225,5 @@ SPEC_RULES: tuple[Rule, ...] = (
         "only `downpour` mode fetches/pushes lazily",
         ".pushEvery",
     ),
+    *_workload_rules(),
 )

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from sgdjob.api.quantity import QuantityError, parse_quantity
 from sgdjob.api.types import RESOURCE_NAME, SGDJob, SGDJobSpec
+from sgdjob.api.workloads import DATA_TASK, MODEL_TASKS
 
 GPU_RESOURCE = "nvidia.com/gpu"
 
@@ -119,21 +120,6 @@ def cross_field_problems(spec: SGDJobSpec, prefix: str = "spec") -> list[Problem
     out.extend(workload_problems(spec, prefix))
     out.extend(kubernetes_problems(spec, prefix))
     return out
-
-
-# Which task each built-in data set and model is made for.
-DATA_TASK = {
-    "digits": "classification",
-    "teacher": "classification",
-    "fashionMnist": "classification",
-    "mnist": "classification",
-    "stdlibText": "languageModel",
-}
-MODEL_TASKS = {
-    "mlp": ("classification", "regression"),
-    "resnet": ("classification",),
-    "transformer": ("languageModel",),
-}
 
 
 def workload_problems(spec: SGDJobSpec, prefix: str = "spec") -> list[Problem]:

@@ -1,8 +1,9 @@
 """The workload parts of the spec: built-in model and data settings, tasks, optimizers,
 learning-rate schedules and precision.
 
-Only settings whose feature works end to end exist; cross-field rules (which optimizer takes
-which knob, which built-ins fit together) live in ``validation``.
+Only settings whose feature works end to end exist. The tables of which task each built-in is
+made for live here; the cross-field rules that read them (which optimizer takes which knob,
+which built-ins fit together) live in ``validation`` and, as CEL, in ``rules``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,20 @@ from sgdjob.api.strict import Strict
 Task = Literal["classification", "regression", "languageModel", "custom"]
 Optimizer = Literal["sgd", "adam", "adamw"]
 Precision = Literal["float32", "bf16", "fp16"]
+
+# Which task each built-in data set and model is made for.
+DATA_TASK = {
+    "digits": "classification",
+    "teacher": "classification",
+    "fashionMnist": "classification",
+    "mnist": "classification",
+    "stdlibText": "languageModel",
+}
+MODEL_TASKS = {
+    "mlp": ("classification", "regression"),
+    "resnet": ("classification",),
+    "transformer": ("languageModel",),
+}
 
 
 class ResNetSpec(Strict):
