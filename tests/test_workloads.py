@@ -9,6 +9,7 @@ repository root, where pytest runs).
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from torch.utils.data import TensorDataset
 from sgdjob.api.validation import parse_job
 from sgdjob.data import gather, load_data, partition_for
 from sgdjob.models import build_model
+from sgdjob.worker import state_digest
 from tests.conftest import job_doc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -231,6 +233,15 @@ def test_batchnorm_buffers_in_model_pt_are_the_average_over_the_workers(run_job:
     worker0 = user_job("w0", training={"maxSteps": 12})
     alone = averaged_buffers_reference(worker0, workers=1)
     assert not torch.allclose(got["features.1.running_var"], alone["features.1.running_var"])
+    # Every worker ends holding exactly what model.pt holds, buffers included.
+    digests = [final_digest(out / "logs" / f"worker-{i}.log") for i in range(2)]
+    assert digests == [state_digest(got)] * 2
+
+
+def final_digest(log: Path) -> str:
+    found = re.findall(r"final model sha256 ([0-9a-f]{64})", log.read_text(encoding="utf-8"))
+    assert len(found) == 1, f"{log}: {found}"
+    return str(found[0])
 
 
 def test_loader_processes_change_how_batches_are_built_not_which(run_job: Any) -> None:

@@ -33,7 +33,9 @@ from sgdjob.contract import (
     ENV_CURVE_CLIENT_SECRET,
     ENV_CURVE_SERVER_PUBLIC,
     ENV_CURVE_SERVER_SECRET,
+    ENV_TERMINATION_LOG,
     ENV_TOKEN,
+    TERMINATION_LOG,
     ProcessContract,
     with_curve,
 )
@@ -284,7 +286,11 @@ def pod(
         "image": k8s.image or settings.trainer_image,
         "command": list(TRAINER_COMMAND),
         "securityContext": copy.deepcopy(CONTAINER_SECURITY_CONTEXT),
-        "env": _env(contract, ref),
+        "env": [*_env(contract, ref), {"name": ENV_TERMINATION_LOG, "value": TERMINATION_LOG}],
+        # Worker 0 writes its final step and metric here; the operator reads them from the
+        # pod's status, since the coordinator may exit before its last poll.
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "File",
         "volumeMounts": [
             {"name": "spec", "mountPath": SPEC_DIR, "readOnly": True},
             {"name": "output", "mountPath": output},

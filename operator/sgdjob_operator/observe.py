@@ -9,6 +9,7 @@ Unschedulable, ...), its node and when it was created (the start of Pending).
 from __future__ import annotations
 
 import datetime
+import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -73,6 +74,21 @@ def _exit_and_reason(status: Mapping[str, Any]) -> tuple[int | None, str]:
             return None, str(cond.get("reason") or "Unschedulable")
     # Pod-level reasons: Evicted, Preempted, NodeLost, Shutdown.
     return None, str(status.get("reason") or "")
+
+
+def final_message(pod: Mapping[str, Any] | None) -> Any:
+    """The JSON a succeeded trainer container left as its termination message, or None."""
+    if not pod:
+        return None
+    cs = _container_status(pod.get("status") or {})
+    terminated = (cs.get("state") or {}).get("terminated") or {}
+    message = terminated.get("message")
+    if terminated.get("exitCode") != 0 or not isinstance(message, str) or not message:
+        return None
+    try:
+        return json.loads(message)
+    except ValueError:
+        return None  # not ours (or cut short): status keeps the last poll
 
 
 def observe_pod(pod: Mapping[str, Any]) -> ObservedReplica | None:

@@ -25,11 +25,28 @@ import aiohttp
 from sgdjob.api.types import API_VERSION, KIND, PLURAL, SGDJobSpec, SGDJobStatus
 from sgdjob.api.validation import SpecError, parse_job
 from sgdjob.curvekeys import JobKeys
-from sgdjob.policy import Create, Decision, Delete, Fail, Recreate, Succeed, cleanup_targets, decide
+from sgdjob.policy import (
+    Create,
+    Decision,
+    Delete,
+    Fail,
+    Recreate,
+    Succeed,
+    cleanup_targets,
+    decide,
+    replica_name,
+)
 from sgdjob_operator import manifests as mf
 from sgdjob_operator.kube import Credentials, KubeClient, KubeError
 from sgdjob_operator.metrics import OperatorMetrics
-from sgdjob_operator.observe import format_time, is_ready, observe_pods, owned_by, parse_time
+from sgdjob_operator.observe import (
+    final_message,
+    format_time,
+    is_ready,
+    observe_pods,
+    owned_by,
+    parse_time,
+)
 from sgdjob_operator.status import (
     CoordinatorReport,
     blocked_status,
@@ -38,6 +55,7 @@ from sgdjob_operator.status import (
     next_status,
     status_body,
     unblocked_status,
+    with_final,
 )
 
 TERMINAL = ("Succeeded", "Failed")
@@ -392,7 +410,7 @@ async def _reconcile(
         await ensure_base(client, ref, spec, metrics)
         runtime.base_ready = True
     replicas, by_name = observe_pods(pods, ref)
-    report = runtime.report
+    report = with_final(runtime.report, final_message(by_name.get(replica_name("worker", 0))))
     decision = decide(
         spec=spec,
         replicas=replicas,

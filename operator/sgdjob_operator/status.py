@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from sgdjob.api.types import Condition, SGDJobStatus, SupervisionStatus
@@ -130,6 +130,24 @@ def _counter_fields(counters: SupervisionStatus) -> dict[str, Any]:
         "restarts": sum(per.values()),
         "replaced_stragglers": sum(r.replacements for r in counters.replicas.values()),
     }
+
+
+def with_final(report: CoordinatorReport | None, final: Any) -> CoordinatorReport | None:
+    """The last poll of the coordinator, corrected by worker 0's final message (the same
+    shape): the coordinator may exit between the last poll and the end of training."""
+    last = parse_coordinator(final)
+    if last is None or not last.finished:
+        return report
+    if report is None:
+        return last
+    return replace(
+        report,
+        step=max(report.step, last.step),
+        accuracy=last.accuracy,
+        metric=last.metric or report.metric,
+        metric_value=last.metric_value,
+        finished=True,
+    )
 
 
 def _progress_fields(report: CoordinatorReport | None) -> dict[str, Any]:

@@ -96,6 +96,21 @@ def test_without_a_spec_image_the_operator_default_is_used_and_no_affinity_is_se
     )
 
 
+def test_the_trainer_is_told_where_its_termination_message_goes() -> None:
+    body = pod(
+        ref=REF,
+        spec=validate_spec(basic_spec()),
+        role="worker",
+        index=0,
+        attempt=0,
+        settings=SETTINGS,
+    )
+    (container,) = body["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["SGDJOB_TERMINATION_LOG"] == container["terminationMessagePath"]
+    assert container["terminationMessagePolicy"] == "File"
+
+
 def test_ownership_needs_the_owner_uid_and_the_job_label() -> None:
     body = pod(
         ref=REF, spec=validate_spec(basic_spec()), role="ps", index=0, attempt=0, settings=SETTINGS

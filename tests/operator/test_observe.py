@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 
+from sgdjob.tasks import Evaluation
+from sgdjob.worker import final_message as worker_final_message
 from sgdjob_operator.manifests import JobRef
-from sgdjob_operator.observe import format_time, observe_pod, observe_pods, parse_time
+from sgdjob_operator.observe import (
+    final_message,
+    format_time,
+    observe_pod,
+    observe_pods,
+    parse_time,
+)
+from sgdjob_operator.status import parse_coordinator
 
 REF = JobRef(name="j", namespace="ns", uid="u1")
 
@@ -102,3 +112,39 @@ def test_pods_of_other_jobs_or_owners_are_ignored_even_if_the_server_returned_th
 def test_times_round_trip_in_kubernetes_format() -> None:
     assert format_time(parse_time("2026-03-04T05:06:07Z") or 0) == "2026-03-04T05:06:07Z"
     assert parse_time("garbage") is None and parse_time(None) is None
+
+
+def terminated(code: int, message: str | None) -> dict[str, Any]:
+    state: dict[str, Any] = {"exitCode": code}
+    if message is not None:
+        state["message"] = message
+    return {"containerStatuses": [{"name": "trainer", "state": {"terminated": state}}]}
+
+
+def test_worker_0s_termination_message_reads_back_as_a_finished_coordinator_report() -> None:
+    ev = Evaluation(loss=0.125, metric=0.96875)
+    text = worker_final_message(version=300, metric="accuracy", ev=ev)
+    doc = final_message(pod(terminated(0, text)))
+    report = parse_coordinator(doc)
+    assert report is not None and report.finished
+    assert (report.step, report.accuracy, report.metric) == (300, 0.96875, "accuracy")
+
+
+def test_a_non_finite_metric_becomes_null_so_the_message_stays_json() -> None:
+    text = worker_final_message(
+        version=3, metric="rmse", ev=Evaluation(loss=float("nan"), metric=float("inf"))
+    )
+    assert json.loads(text)["metricValue"] is None and "NaN" not in text
+
+
+@pytest.mark.parametrize(
+    "status",
+    [
+        terminated(1, '{"step": 3, "finished": true}'),  # a failed container's word is not final
+        terminated(0, None),
+        terminated(0, "killed by the OOM killer, cut sho"),
+        {"phase": "Running"},
+    ],
+)
+def test_only_a_succeeded_containers_json_counts_as_its_final_message(status: Any) -> None:
+    assert final_message(pod(status)) is None

@@ -14,6 +14,7 @@ from sgdjob_operator.status import (
     parse_coordinator,
     set_condition,
     status_body,
+    with_final,
 )
 
 GOOD = {
@@ -133,3 +134,26 @@ def test_restarting_goes_back_to_false_once_nothing_restarts() -> None:
 def test_a_garbled_status_loads_as_a_fresh_one_and_foreign_keys_are_ignored() -> None:
     assert load_status({"phase": "Exploded"}) == SGDJobStatus()
     assert load_status({"kopf": {"progress": {}}, "step": 3}).step == 3
+
+
+def test_the_final_message_corrects_a_last_poll_taken_before_the_end() -> None:
+    polled = parse_coordinator({**GOOD, "step": 279, "totalSteps": 300})
+    final = {
+        "step": 300,
+        "finished": True,
+        "metric": "accuracy",
+        "metricValue": 0.97,
+        "accuracy": 0.97,
+    }
+    merged = with_final(polled, final)
+    assert merged is not None and polled is not None
+    assert (merged.step, merged.accuracy, merged.metric_value) == (300, 0.97, 0.97)
+    assert merged.finished
+    assert (merged.loss, merged.total_steps) == (polled.loss, 300)  # kept from the poll
+    assert with_final(None, final) == parse_coordinator(final)
+
+
+@pytest.mark.parametrize("final", [None, {"step": 300}, {"finished": True}, "garbage"])
+def test_anything_but_a_finished_report_leaves_the_last_poll_alone(final: Any) -> None:
+    polled = parse_coordinator(GOOD)
+    assert with_final(polled, final) is polled

@@ -22,6 +22,10 @@ ENV_STATUS_BIND = "SGDJOB_STATUS_BIND"  # shard 0: host:port for /status and /me
 ENV_TOKEN = "SGDJOB_TOKEN"  # job token carried in every message header
 ENV_OUTPUT = "SGDJOB_OUTPUT"  # output directory (model, metrics, summary)
 ENV_READY_FILE = "SGDJOB_READY_FILE"  # optional: a shard writes its bound ports here
+# Optional, set on pods to the container's terminationMessagePath: worker 0 writes its final
+# step and metric there, which the operator reads after the coordinator has exited.
+ENV_TERMINATION_LOG = "SGDJOB_TERMINATION_LOG"
+TERMINATION_LOG = "/dev/termination-log"  # the kubelet's default path
 ENV_CURVE_SERVER_PUBLIC = "SGDJOB_CURVE_SERVER_PUBLIC"  # shards and workers
 ENV_CURVE_SERVER_SECRET = "SGDJOB_CURVE_SERVER_SECRET"  # shards only
 ENV_CURVE_CLIENT_PUBLIC = "SGDJOB_CURVE_CLIENT_PUBLIC"  # shards (to admit) and workers

@@ -8,17 +8,22 @@ Loop per step (``spec.training.mode``):
 - ``downpour``: pull every ``fetchEvery`` steps; between fetches apply the own gradient
   locally (plain SGD) and accumulate it; push the sum every ``pushEvery`` steps.
 
-Worker 0 also evaluates the held-out set every ``evalInterval`` steps and, at the end, pulls
-the final parameters, evaluates, and writes the model atomically. The loss and the metric
-are the task's (``sgdjob.tasks``); non-trainable buffers ride in the flat vector
-(``sgdjob.models.flat``): loaded at every pull, their change pushed with every gradient.
+Worker 0 also evaluates the held-out set every ``evalInterval`` steps. At the end of a sync run
+every worker pulls the final parameters and buffers and logs their digest (in the async modes
+the others just leave); worker 0 evaluates them, writes the model atomically and, on a pod,
+leaves the final step and metric as its termination message. The loss and the metric are the
+task's (``sgdjob.tasks``); non-trainable buffers ride in the flat vector (``sgdjob.models.flat``):
+loaded at every pull, their change pushed with every gradient.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -29,6 +34,7 @@ from torch import nn
 
 from sgdjob.api.types import SGDJobSpec
 from sgdjob.client import ShardClient, ShardRestarted
+from sgdjob.contract import ENV_TERMINATION_LOG
 from sgdjob.data import (
     BatchSource,
     Data,
@@ -243,18 +249,21 @@ def run_worker(
                 )
             )
             step += 1
+        if index != 0 and t.mode != "sync":
+            client.done()  # async modes: nobody waits for the slowest worker to finish
+            return 0
+        # Sync: every worker ends on the final parameters and buffers, as every DDP rank does;
+        # worker 0 then evaluates and saves them. The digest in each log lets anyone check.
+        versions = final_pull(client, host, flat, index)
+        log.info(
+            "worker %d: final model sha256 %s at version %s",
+            index,
+            state_digest(flat.model.state_dict()),
+            versions,
+        )
         if index != 0:
             client.done()
             return 0
-        # Worker 0: wait for the end of training, evaluate and save the final model.
-        while True:
-            try:
-                versions, _ = client.pull(host.params, min_version=0, final=True)
-                break
-            except ShardRestarted as err:
-                log.warning("worker 0: %s during the final pull; resynced", err)
-        host.params_to_device()
-        flat.load_buffers()
         ev = held_out(flat, task, data, precision, limit=None)
         save_model(flat.model, Path(output_dir) / "model.pt")
         client.report(
@@ -272,11 +281,64 @@ def run_worker(
         )
         client.wait_sent()
         log.info("worker 0: final test %s %.4f at version %s", task.metric, ev.metric, versions)
+        final = final_message(version=versions[0] if versions else step, metric=task.metric, ev=ev)
+        write_termination_message(os.environ.get(ENV_TERMINATION_LOG, ""), final)
         return 0
     finally:
         source.close()
         client.close()
         ctx.term()
+
+
+def final_pull(client: ShardClient, host: HostBuffers, flat: FlatModel, index: int) -> list[int]:
+    """Wait for the end of training and load the final parameters and buffers."""
+    while True:
+        try:
+            versions, _ = client.pull(host.params, min_version=0, final=True)
+            break
+        except ShardRestarted as err:
+            log.warning("worker %d: %s during the final pull; resynced", index, err)
+    host.params_to_device()
+    flat.load_buffers()
+    return versions
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over a state dict's names, dtypes, shapes and bytes (in key order)."""
+    h = hashlib.sha256()
+    for name, value in state.items():
+        t = value.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # bytes of any dtype
+    return h.hexdigest()
+
+
+def final_message(*, version: int, metric: str, ev: Evaluation) -> str:
+    """The final result in the shape of the coordinator's /status (a subset, far below the
+    kubelet's 4 KiB limit); non-finite numbers become null, as JSON has no NaN."""
+
+    def num(x: float) -> float | None:
+        return x if math.isfinite(x) else None
+
+    doc = {
+        "step": version,
+        "finished": True,
+        "metric": metric,
+        "metricValue": num(ev.metric),
+        "accuracy": num(ev.metric) if metric == "accuracy" else None,
+        "testLoss": num(ev.loss),
+    }
+    return json.dumps(doc, allow_nan=False, sort_keys=True)
+
+
+def write_termination_message(path: str, message: str) -> None:
+    """Best effort: the model is saved already; a missing message only leaves status older."""
+    if not path:
+        return
+    try:
+        Path(path).write_text(message, encoding="utf-8")
+    except OSError as err:
+        log.warning("worker 0: cannot write the termination message to %s: %s", path, err)
 
 
 class Diverged(RuntimeError):
