@@ -34,9 +34,11 @@ _STALENESS = _get("staleness", "'none'")
 _OPTIMIZER = _get("optimizer", "'sgd'")
 _MOMENTUM = _get("momentum", "0.9")
 _NESTEROV = _get("nesterov", "false")
+_TASK_HERE = _get("task", "'classification'")  # on `training`
+_POSITIONS = _get("positions", "'learned'")  # on `model.transformer`
+_D_MODEL = _get("dModel", "128")
+_HEADS = _get("heads", "4")
 # On the spec: the task of `training`, which a rule on the spec reads beside `model`/`data`.
-_TASK_HERE = _get("task", "'classification'")
-_POSITIONS = _get("positions", "'learned'")
 _TASK = "(has(self.training) && has(self.training.task) ? self.training.task : 'classification')"
 
 
@@ -83,7 +85,8 @@ def _cel_map(table: Mapping[str, object]) -> str:
     return "{" + ", ".join(f"'{k}': {value(v)}" for k, v in table.items()) + "}"
 
 
-def _sgd_only_default(alias: str, default: str) -> Rule:
+def _adam_only_knob(alias: str, default: str) -> Rule:
+    # Compared with its default, as in Python: a round-tripped spec carries every default.
     return Rule(
         "training",
         f"{_OPTIMIZER} != 'sgd' || {_get(alias, default)} == {default}",
@@ -95,7 +98,6 @@ def _sgd_only_default(alias: str, default: str) -> Rule:
 def _workload_rules() -> tuple[Rule, ...]:
     """The CEL twins of ``validation.workload_problems``, from the same task tables."""
     made_for = {m: " or ".join(f"`{t}`" for t in tasks) for m, tasks in MODEL_TASKS.items()}
-    head_width = f"({_get('dModel', '128')} / {_get('heads', '4')})"
     return (
         Rule(
             "training",
@@ -123,19 +125,19 @@ def _workload_rules() -> tuple[Rule, ...]:
         ),
         Rule(
             "model.transformer",
-            f"{_get('dModel', '128')} % {_get('heads', '4')} == 0",
+            f"{_D_MODEL} % {_HEADS} == 0",
             "must divide dModel",
             ".heads",
         ),
         Rule(
             "model.transformer",
             f"{_POSITIONS} != 'rotary'"
-            f" || {_get('dModel', '128')} % {_get('heads', '4')} != 0 || {head_width} % 2 == 0",
+            f" || {_D_MODEL} % {_HEADS} != 0 || ({_D_MODEL} / {_HEADS}) % 2 == 0",
             "rotary needs an even head width",
         ),
-        _sgd_only_default("beta1", "0.9"),
-        _sgd_only_default("beta2", "0.999"),
-        _sgd_only_default("eps", "1e-8"),
+        _adam_only_knob("beta1", "0.9"),
+        _adam_only_knob("beta2", "0.999"),
+        _adam_only_knob("eps", "1e-8"),
         Rule(
             "training",
             f"{_OPTIMIZER} != 'sgd' || !{_NESTEROV} || {_MOMENTUM} > 0.0",
