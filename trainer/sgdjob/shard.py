@@ -59,6 +59,7 @@ from sgdjob.schedule import Schedule, equivalent_step
 from sgdjob.slicing import Slice
 from sgdjob.staleness import StalenessRule
 from sgdjob.stats import ShardStats
+from sgdjob.syncstep import PendingStep
 from sgdjob.transport import Incoming, frame_array, vector_frames
 
 log = logging.getLogger("sgdjob.shard")
@@ -98,6 +99,7 @@ class Shard:
         if initial.shape != (slice_.count,) or initial.dtype != np.float32:
             raise ValueError("initial parameters must be float32 of the slice's length")
         t = spec.training
+        comp = spec.compression
         self.spec = spec
         self.slice = slice_
         self.params = np.ascontiguousarray(initial).copy()
@@ -118,14 +120,16 @@ class Shard:
         self.schedule = Schedule(t.lr, t.schedule)
         self.rule = StalenessRule(t.staleness, count=slice_.count, odena_scale=t.odena_scale)
         self.version = 0
-        self.pending: dict[int, list[zmq.Frame]] = {}  # sync: worker -> frames for `version`
+        # sync: the pushes kept for `version` (sgdjob.syncstep)
+        self.pending = PendingStep(
+            count=slice_.count, onebit=comp.kind == "onebit", bucket_size=comp.bucket_size
+        )
         self._acc = np.empty(slice_.count, dtype=np.float32)
         self.pulls: list[PendingPull] = []
         self.done: set[int] = set()
         self.exited: set[int] = set()  # workers that sent DONE or that the executor saw succeed
         self.next_step: dict[int, int] = {}  # worker -> step after its last push
         self.trackers: list[zmq.MessageTracker] = []
-        comp = spec.compression
         self.onebit = comp.kind == "onebit"
         self.bucket_size = comp.bucket_size
         self.server_to_worker = self.onebit and comp.server_to_worker
@@ -385,7 +389,7 @@ class Shard:
                 return  # a restarted worker re-sent the step: the same gradient, keep one
             # Kept as received (zero-copy; 1-bit frames are 1/32 of the slice) and summed in
             # worker order at close, so a fixed-seed run is reproducible bit for bit.
-            self.pending[h.worker] = list(msg.frames)
+            self.pending.add(h.worker, list(msg.frames))
             self._maybe_close()
             return
         tau = self.version - h.version
@@ -407,28 +411,7 @@ class Shard:
     def _close_step(self) -> None:
         """Sync: sum the step's gradients in worker order, average, apply, bump the version."""
         acc = self._acc
-        if self.onebit:
-            acc.fill(0.0)
-            for worker in sorted(self.pending):
-                bits, scales = self.pending[worker]
-                decode_into(
-                    acc,
-                    bits.buffer,
-                    scales.buffer,
-                    count=self.slice.count,
-                    bucket_size=self.bucket_size,
-                )
-        else:
-            for n, worker in enumerate(sorted(self.pending)):
-                start = 0
-                for frame in self.pending[worker]:
-                    g = frame_array(frame)
-                    dst = acc[start : start + g.shape[0]]
-                    if n == 0:
-                        np.copyto(dst, g)
-                    else:
-                        dst += g
-                    start += g.shape[0]
+        self.pending.sum_into(acc)
         acc *= np.float32(1.0 / len(self.pending))
         self.pending.clear()
         self.flush_sends()
