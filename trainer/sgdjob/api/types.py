@@ -192,6 +192,15 @@ class TrainingSpec(Strict):
         le=1e6,
         description="Each worker clips its gradient to this global L2 norm before pushing.",
     )
+    bucket_mb: float = Field(
+        default=25.0,
+        ge=0.0,
+        le=1024.0,
+        alias="bucketMB",
+        description="Workers push the gradient in buckets of at most this many MiB while "
+        "backward still runs (like DDP's bucket_cap_mb); 0 pushes it whole after backward. "
+        "Clipping, fp16 loss scaling, 1-bit compression and downpour push after backward.",
+    )
     precision: Precision = Field(
         default="float32",
         description="Autocast dtype of forward/backward (`bf16`, or `fp16` with a loss "
