@@ -39,7 +39,7 @@ import zmq
 
 from sgdjob.api.types import SGDJobSpec
 from sgdjob.checkpoint import ShardState
-from sgdjob.compression import CompressionError, decode_into, validate_payload
+from sgdjob.compression import decode_into
 from sgdjob.mirror import ParameterMirror
 from sgdjob.optim import SliceOptimizer
 from sgdjob.protocol import (
@@ -51,7 +51,6 @@ from sgdjob.protocol import (
     Op,
     ProtocolError,
     Report,
-    check_float32_payload,
     check_frames,
     parse_header,
 )
@@ -59,8 +58,8 @@ from sgdjob.schedule import Schedule, equivalent_step
 from sgdjob.slicing import Slice
 from sgdjob.staleness import StalenessRule
 from sgdjob.stats import ShardStats
-from sgdjob.syncstep import PendingStep
-from sgdjob.transport import Incoming, frame_array, vector_frames
+from sgdjob.syncstep import Part, PartialPushes, PendingStep, float_push, onebit_push
+from sgdjob.transport import Incoming, vector_frames
 
 log = logging.getLogger("sgdjob.shard")
 
@@ -120,11 +119,15 @@ class Shard:
         self.schedule = Schedule(t.lr, t.schedule)
         self.rule = StalenessRule(t.staleness, count=slice_.count, odena_scale=t.odena_scale)
         self.version = 0
-        # sync: the pushes kept for `version` (sgdjob.syncstep)
-        self.pending = PendingStep(
-            count=slice_.count, onebit=comp.kind == "onebit", bucket_size=comp.bucket_size
-        )
         self._acc = np.empty(slice_.count, dtype=np.float32)
+        # sync: the parts kept for `version`, summed into _acc as they come (sgdjob.syncstep)
+        self.pending = PendingStep(
+            self._acc,
+            onebit=comp.kind == "onebit",
+            bucket_size=comp.bucket_size,
+            eager=t.backup_workers == 0,
+        )
+        self.partial = PartialPushes(slice_.count)  # async: parts until they cover the slice
         self.pulls: list[PendingPull] = []
         self.done: set[int] = set()
         self.exited: set[int] = set()  # workers that sent DONE or that the executor saw succeed
@@ -165,14 +168,19 @@ class Shard:
         self._maybe_close()
         self._serve_pulls()
 
+    def _expected(self) -> set[int]:
+        """Sync: workers that may still push for the open step; gone ones push no more."""
+        return (set(range(self.n_workers)) - self.done) | set(self.pending)
+
     def _needed(self) -> int:
-        """Sync: gradients that close a step; workers gone for good push no more."""
-        coming = set(range(self.n_workers)) - self.done
-        return max(1, min(self.replicas, len(coming | set(self.pending))))
+        """Sync: whole slices that close a step."""
+        return max(1, min(self.replicas, len(self._expected())))
 
     def _maybe_close(self) -> None:
-        if self.mode == "sync" and self.pending and len(self.pending) >= self._needed():
-            self._close_step()
+        if self.mode == "sync" and self.pending:
+            complete = self.pending.complete()
+            if len(complete) >= self._needed():
+                self._close_step(complete)
 
     def should_exit(self) -> bool:
         return len(self.done) >= self.n_workers and not self.pulls
@@ -318,79 +326,39 @@ class Shard:
             identity=identity,
         )
 
-    def _gradient_parts(self, h: Header, msg: Incoming) -> list[tuple[int, np.ndarray]]:
-        """Validate a float32 push covering the whole slice; views of its frames by offset."""
-        if h.offset != self.slice.offset or h.count != self.slice.count:
-            raise ProtocolError(
-                ErrorCode.BAD_RANGE,
-                f"push covers [{h.offset}, {h.offset + h.count}), shard owns "
-                f"[{self.slice.offset}, {self.slice.end})",
-            )
-        check_float32_payload(h, msg.frame_sizes())
-        parts: list[tuple[int, np.ndarray]] = []
-        start = 0
-        for frame in msg.frames:
-            arr = frame_array(frame)
-            if not np.isfinite(arr).all():
-                raise ProtocolError(ErrorCode.NOT_FINITE, "gradient holds NaN or inf")
-            parts.append((start, arr))
-            start += arr.shape[0]
-        return parts
-
-    def _onebit_payload(self, h: Header, msg: Incoming) -> tuple[np.ndarray, np.ndarray]:
-        """Validate a 1-bit push of the whole slice: [packed bits, (mu-, mu+) scales]."""
-        if h.dtype != DType.ONEBIT or h.compression != Compression.ONEBIT:
-            raise ProtocolError(ErrorCode.BAD_DTYPE, "this job's gradients are 1-bit")
-        if h.offset != self.slice.offset or h.count != self.slice.count:
-            raise ProtocolError(ErrorCode.BAD_RANGE, "a 1-bit push covers the whole slice")
-        if h.bucket_size != self.bucket_size:
-            raise ProtocolError(
-                ErrorCode.BAD_PAYLOAD, f"bucket size {h.bucket_size}, job uses {self.bucket_size}"
-            )
-        check_frames(h, msg.frame_sizes())
-        if h.nframes != 2:
-            raise ProtocolError(ErrorCode.BAD_PAYLOAD, "a 1-bit push is [bits, scales]")
-        try:
-            return validate_payload(
-                msg.frames[0].buffer,
-                msg.frames[1].buffer,
-                count=h.count,
-                bucket_size=self.bucket_size,
-            )
-        except CompressionError as err:
-            code = ErrorCode.NOT_FINITE if "finite" in str(err) else ErrorCode.BAD_PAYLOAD
-            raise ProtocolError(code, str(err)) from None
-
-    def _decode(self, out: np.ndarray, payload: tuple[np.ndarray, np.ndarray]) -> None:
-        decode_into(
-            out, payload[0], payload[1], count=self.slice.count, bucket_size=self.bucket_size
-        )
-
     def _push(self, h: Header, msg: Incoming) -> None:
         if self.onebit:
-            onebit = self._onebit_payload(h, msg)
+            onebit = onebit_push(h, msg, self.slice, self.bucket_size)
+            part = Part(0, self.slice.count, list(msg.frames))
         else:
-            parts = self._gradient_parts(h, msg)
+            part = float_push(h, msg, self.slice)
         if h.version > self.version:
             raise ProtocolError(
                 ErrorCode.BAD_STATE, f"gradient for version {h.version}, shard is at {self.version}"
             )
-        # Only now is the push accepted (applied, kept or dropped): a rejected one changes nothing.
-        self.next_step[h.worker] = max(self.next_step.get(h.worker, 0), h.step + 1)
-        self.stats.record_push(h.worker)
+        # A step's parts are counted once, by the one that starts the slice.
+        first = part.start == 0
         if self.mode == "sync":
-            if h.version < self.version or h.step < self.version or self.finished:
-                # A backup worker lost the race for this step, or the step is closed here
-                # already: another shard restarted from an older checkpoint and the workers
-                # replay its lost steps (steps < version), or this shard ran every step.
-                self.stats.record_drop(h.worker)
+            # A backup worker lost the race for this step, or the step is closed here
+            # already: another shard restarted from an older checkpoint and the workers
+            # replay its lost steps (steps < version), or this shard ran every step.
+            late = h.version < self.version or h.step < self.version or self.finished
+            # A part overlapping one this worker sent for the open step is refused; exactly
+            # the same range again is a restarted worker's re-send: the same gradient, keep one.
+            new = late or self.pending.check(h.worker, part.start, part.end)
+            self._accepted(h, first)
+            if late:
+                if first:
+                    self.stats.record_drop(h.worker)
                 return
-            if h.worker in self.pending:
-                return  # a restarted worker re-sent the step: the same gradient, keep one
-            # Kept as received (zero-copy; 1-bit frames are 1/32 of the slice) and summed in
-            # worker order at close, so a fixed-seed run is reproducible bit for bit.
-            self.pending.add(h.worker, list(msg.frames))
-            self._maybe_close()
+            if new:
+                # Kept as received (zero-copy) and summed in worker order as its turn comes,
+                # so a fixed-seed run is reproducible bit for bit (sgdjob.syncstep).
+                self.pending.add(h.worker, part, order=self._expected())
+                self._maybe_close()
+            return
+        parts = self._async_parts(h, part, first)
+        if parts is None:
             return
         tau = self.version - h.version
         self.stats.record_staleness(tau)
@@ -400,19 +368,34 @@ class Shard:
         self.flush_sends()
         if self.onebit:
             self._acc.fill(0.0)
-            self._decode(self._acc, onebit)
+            decode_into(self._acc, *onebit, count=self.slice.count, bucket_size=self.bucket_size)
         else:  # the optimizer steps the whole slice at once: gather the frames
-            for start, grad in parts:
-                np.copyto(self._acc[start : start + grad.shape[0]], grad)
+            for p in parts:
+                for start, grad in p.views:
+                    np.copyto(self._acc[start : start + grad.shape[0]], grad)
         factor = self.rule.factor(self._acc, tau=tau)
         self.opt.step(self._acc, lr=self.lr(), scale=factor)
         self._advance()
 
-    def _close_step(self) -> None:
-        """Sync: sum the step's gradients in worker order, average, apply, bump the version."""
-        acc = self._acc
-        self.pending.sum_into(acc)
-        acc *= np.float32(1.0 / len(self.pending))
+    def _accepted(self, h: Header, first: bool) -> None:
+        """Only now is the push accepted (applied, kept or dropped): a rejected one changes
+        nothing."""
+        self.next_step[h.worker] = max(self.next_step.get(h.worker, 0), h.step + 1)
+        if first:
+            self.stats.record_push(h.worker)
+
+    def _async_parts(self, h: Header, part: Part, first: bool) -> list[Part] | None:
+        """Async: the parts of a push once they cover the slice, else None (kept)."""
+        new = self.partial.check(h.worker, step=h.step, version=h.version, part=part)
+        self._accepted(h, first)
+        return (
+            self.partial.add(h.worker, step=h.step, version=h.version, part=part) if new else None
+        )
+
+    def _close_step(self, contributors: list[int]) -> None:
+        """Sync: the step's sum (in worker order), averaged and applied; bump the version."""
+        acc = self.pending.close(contributors)
+        acc *= np.float32(1.0 / len(contributors))
         self.pending.clear()
         self.flush_sends()
         self.opt.step(acc, lr=self.lr())

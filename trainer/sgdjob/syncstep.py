@@ -1,65 +1,285 @@
-"""Sync mode's open step on a shard: the gradients kept for the current version, and their sum.
+"""The gradient parts a shard keeps for a step, and their in-place, worker-ordered sum.
 
-``PendingStep`` holds, per worker, the frames of its push for the version the shard is at
-(zero-copy, as received; 1-bit frames are 1/32 of the slice) until the step closes, and then
-sums them into the shard's accumulator in worker order, so a fixed-seed run is reproducible
-bit for bit. ``sgdjob.shard`` decides when a step closes (``Shard._needed``) and applies it.
+A worker pushes its gradient for a shard's slice as one message or, overlapping with its
+backward pass (``spec.training.bucketMB``), as several parts: disjoint sub-ranges that
+together cover the slice. ``Coverage`` checks a part against what that worker already sent
+for the step (exactly the same range again is a re-send, kept once; a partial overlap is
+refused). ``PendingStep`` is sync mode's open step: it keeps each part as received
+(zero-copy frames; 1-bit frames are 1/32 of the slice) and sums it into the shard's
+accumulator as soon as it is that range's turn, in worker order, so the shard adds while the
+workers still compute and a fixed-seed run stays bit-for-bit reproducible: every element is
+``g[w0] + g[w1] + ...`` over the step's contributors in ascending worker order, whatever
+order the parts arrived in. ``sgdjob.shard`` decides when a step closes and applies it.
+
+With backup workers, which workers contribute is known only at close (the first ``replicas``
+to cover their slice), so the parts are summed then; without, every worker that pushes for
+the open step contributes, and a part is added on arrival when the workers before it in
+order have added theirs for that range (else it waits, zero-copy, for its turn).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import bisect
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 import zmq
 
-from sgdjob.compression import decode_into
-from sgdjob.transport import frame_array
+from sgdjob.compression import CompressionError, decode_into, validate_payload
+from sgdjob.protocol import (
+    Compression,
+    DType,
+    ErrorCode,
+    Header,
+    ProtocolError,
+    check_float32_payload,
+    check_frames,
+    check_range,
+)
+from sgdjob.slicing import Slice
+from sgdjob.transport import Incoming, frame_array
+
+
+class Coverage:
+    """The disjoint slice-local ranges ``[start, end)`` one worker pushed for one step."""
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+        self.covered = 0
+
+    def check(self, start: int, end: int) -> bool:
+        """True if new, False for an exact re-send; ProtocolError on a partial overlap."""
+        i = bisect.bisect_right(self.starts, start) - 1
+        if i >= 0 and self.starts[i] == start and self.ends[i] == end:
+            return False
+        if (i >= 0 and self.ends[i] > start) or (
+            i + 1 < len(self.starts) and self.starts[i + 1] < end
+        ):
+            raise ProtocolError(
+                ErrorCode.BAD_RANGE, f"part [{start}, {end}) overlaps one pushed for this step"
+            )
+        return True
+
+    def add(self, start: int, end: int) -> None:
+        i = bisect.bisect_right(self.starts, start)
+        self.starts.insert(i, start)
+        self.ends.insert(i, end)
+        self.covered += end - start
+
+
+@dataclass
+class Part:
+    """One pushed range, slice-local, with its frames as received."""
+
+    start: int
+    end: int
+    frames: list[zmq.Frame]
+    # float32: (slice-local start, view) of every frame, no copy
+    views: list[tuple[int, np.ndarray]] = field(default_factory=list)
+
+
+def float_part(start: int, frames: list[zmq.Frame]) -> Part:
+    views, at = [], start
+    for frame in frames:
+        arr = frame_array(frame)
+        views.append((at, arr))
+        at += arr.shape[0]
+    return Part(start, at, frames, views)
+
+
+def float_push(h: Header, msg: Incoming, slice_: Slice) -> Part:
+    """Validate a float32 push of a sub-range of the slice; a view of its frames."""
+    if h.count == 0:
+        raise ProtocolError(ErrorCode.BAD_RANGE, "a push covers at least one element")
+    check_range(h, offset=slice_.offset, count=slice_.count)
+    check_float32_payload(h, msg.frame_sizes())
+    part = float_part(h.offset - slice_.offset, list(msg.frames))
+    for _, arr in part.views:
+        if not np.isfinite(arr).all():
+            raise ProtocolError(ErrorCode.NOT_FINITE, "gradient holds NaN or inf")
+    return part
+
+
+def onebit_push(
+    h: Header, msg: Incoming, slice_: Slice, bucket_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Validate a 1-bit push of the whole slice: [packed bits, (mu-, mu+) scales]."""
+    if h.dtype != DType.ONEBIT or h.compression != Compression.ONEBIT:
+        raise ProtocolError(ErrorCode.BAD_DTYPE, "this job's gradients are 1-bit")
+    if h.offset != slice_.offset or h.count != slice_.count:
+        raise ProtocolError(ErrorCode.BAD_RANGE, "a 1-bit push covers the whole slice")
+    if h.bucket_size != bucket_size:
+        raise ProtocolError(
+            ErrorCode.BAD_PAYLOAD, f"bucket size {h.bucket_size}, job uses {bucket_size}"
+        )
+    check_frames(h, msg.frame_sizes())
+    if h.nframes != 2:
+        raise ProtocolError(ErrorCode.BAD_PAYLOAD, "a 1-bit push is [bits, scales]")
+    try:
+        return validate_payload(
+            msg.frames[0].buffer, msg.frames[1].buffer, count=h.count, bucket_size=bucket_size
+        )
+    except CompressionError as err:
+        code = ErrorCode.NOT_FINITE if "finite" in str(err) else ErrorCode.BAD_PAYLOAD
+        raise ProtocolError(code, str(err)) from None
+
+
+class PartialPushes:
+    """Async modes: each worker's parts of one push, kept until they cover the slice.
+
+    The staleness factor and the optimizer see the whole slice's gradient at once, as with
+    one whole push; a push for another (step, version) from the worker replaces an unfinished
+    one (the worker restarted)."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.kept: dict[int, tuple[int, int, Coverage, list[Part]]] = {}
+
+    def check(self, worker: int, *, step: int, version: int, part: Part) -> bool:
+        """True if new; False for an exact re-send; ProtocolError on a partial overlap."""
+        kept = self.kept.get(worker)
+        if kept is None or (kept[0], kept[1]) != (step, version):
+            return True
+        return kept[2].check(part.start, part.end)
+
+    def add(self, worker: int, *, step: int, version: int, part: Part) -> list[Part] | None:
+        """Keep a part ``check`` accepted; all of the push's parts once they cover the slice."""
+        if part.start == 0 and part.end == self.count:
+            self.kept.pop(worker, None)
+            return [part]
+        kept = self.kept.get(worker)
+        if kept is None or (kept[0], kept[1]) != (step, version):
+            kept = (step, version, Coverage(), [])
+            self.kept[worker] = kept
+        kept[2].add(part.start, part.end)
+        kept[3].append(part)
+        if kept[2].covered < self.count:
+            return None
+        del self.kept[worker]
+        return kept[3]
+
+
+@dataclass
+class _Segment:
+    start: int
+    end: int
+    folded: tuple[int, ...] = ()  # workers summed into acc[start:end], in the order added
 
 
 class PendingStep:
-    """The pushes kept for the open sync step, by worker."""
+    """The open sync step: parts by worker, and the running sum in ``acc``."""
 
-    def __init__(self, *, count: int, onebit: bool, bucket_size: int) -> None:
-        self.count = count
+    def __init__(self, acc: np.ndarray, *, onebit: bool, bucket_size: int, eager: bool) -> None:
+        self.acc = acc
+        self.count = acc.shape[0]
         self.onebit = onebit
         self.bucket_size = bucket_size
-        self._frames: dict[int, list[zmq.Frame]] = {}
+        self.eager = eager
+        self.parts: dict[int, list[Part]] = {}
+        self.coverage: dict[int, Coverage] = {}
+        self.segments = [_Segment(0, self.count)]
 
     def __contains__(self, worker: object) -> bool:
-        return worker in self._frames
+        return worker in self.parts
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self._frames)
+        return iter(self.parts)
 
     def __len__(self) -> int:
-        return len(self._frames)
+        return len(self.parts)
 
-    def add(self, worker: int, frames: list[zmq.Frame]) -> None:
-        """Keep a validated push of the whole slice from ``worker``."""
-        self._frames[worker] = frames
+    def complete(self) -> list[int]:
+        """Workers whose parts cover the whole slice, ascending."""
+        return sorted(w for w, c in self.coverage.items() if c.covered == self.count)
+
+    def check(self, worker: int, start: int, end: int) -> bool:
+        """Validate a part before it is accepted (see ``Coverage.check``)."""
+        cov = self.coverage.get(worker)
+        return True if cov is None else cov.check(start, end)
+
+    def add(self, worker: int, part: Part, *, order: Iterable[int]) -> None:
+        """Keep a part that ``check`` accepted as new; sum what is now in turn."""
+        self.coverage.setdefault(worker, Coverage()).add(part.start, part.end)
+        self.parts.setdefault(worker, []).append(part)
+        if self.eager:
+            self._advance(sorted(set(order) | set(self.parts)))
+
+    def close(self, contributors: list[int]) -> np.ndarray:
+        """Sum the contributors' parts (ascending order) into ``acc``; returns ``acc``."""
+        want = tuple(contributors)
+        if any(not set(s.folded) <= set(want) for s in self.segments):
+            # Summed a worker that does not contribute after all: start over from the kept
+            # frames (not reached without backup workers, where every pusher contributes).
+            self.segments = [_Segment(0, self.count)]
+        self._advance(contributors)
+        for s in self.segments:
+            if s.folded != want:
+                raise RuntimeError(f"range [{s.start}, {s.end}) summed {s.folded}, not {want}")
+        return self.acc
 
     def clear(self) -> None:
-        self._frames.clear()
+        self.parts.clear()
+        self.coverage.clear()
+        self.segments = [_Segment(0, self.count)]
 
-    def sum_into(self, acc: np.ndarray) -> int:
-        """Write the sum of the kept gradients (worker order) into ``acc``; how many."""
+    # -- summing -------------------------------------------------------------------------
+    def _advance(self, order: list[int]) -> None:
+        """Add every part whose turn it is, until none is; segments record who was added."""
+        progress = True
+        while progress:
+            progress = False
+            out: list[_Segment] = []
+            for seg in self.segments:
+                nxt = next((w for w in order if w not in seg.folded), None)
+                if nxt is None or nxt not in self.parts:
+                    out.append(seg)
+                    continue
+                at = seg.start
+                for part in sorted(self.parts[nxt], key=lambda p: p.start):
+                    a, b = max(part.start, seg.start), min(part.end, seg.end)
+                    if a >= b:
+                        continue
+                    if a > at:
+                        out.append(_Segment(at, a, seg.folded))
+                    self._fold(part, a, b, first=not seg.folded)
+                    out.append(_Segment(a, b, (*seg.folded, nxt)))
+                    at = b
+                    progress = True
+                if at < seg.end:
+                    out.append(_Segment(at, seg.end, seg.folded))
+            self.segments = _merge(out)
+
+    def _fold(self, part: Part, a: int, b: int, *, first: bool) -> None:
         if self.onebit:
-            acc.fill(0.0)
-            for worker in sorted(self._frames):
-                bits, scales = self._frames[worker]
-                decode_into(
-                    acc, bits.buffer, scales.buffer, count=self.count, bucket_size=self.bucket_size
-                )
-            return len(self._frames)
-        for n, worker in enumerate(sorted(self._frames)):
-            start = 0
-            for frame in self._frames[worker]:
-                g = frame_array(frame)
-                dst = acc[start : start + g.shape[0]]
-                if n == 0:
-                    np.copyto(dst, g)
-                else:
-                    dst += g
-                start += g.shape[0]
-        return len(self._frames)
+            # 1-bit parts are whole slices (their quantisation buckets span the slice).
+            if (a, b) != (0, self.count) or (part.start, part.end) != (0, self.count):
+                raise RuntimeError("a 1-bit part must cover the whole slice")
+            if first:
+                self.acc.fill(0.0)
+            bits, scales = part.frames
+            decode_into(
+                self.acc, bits.buffer, scales.buffer, count=self.count, bucket_size=self.bucket_size
+            )
+            return
+        for at, view in part.views:
+            lo, hi = max(a, at), min(b, at + view.shape[0])
+            if lo >= hi:
+                continue
+            src = view[lo - at : hi - at]
+            dst = self.acc[lo:hi]
+            if first:
+                np.copyto(dst, src)
+            else:
+                dst += src
+
+
+def _merge(segments: list[_Segment]) -> list[_Segment]:
+    out: list[_Segment] = []
+    for s in segments:
+        if out and out[-1].folded == s.folded and out[-1].end == s.start:
+            out[-1] = _Segment(out[-1].start, s.end, s.folded)
+        else:
+            out.append(s)
+    return out
