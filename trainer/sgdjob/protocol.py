@@ -14,7 +14,8 @@ Ops:
   HELLO   worker -> shard   register; reply WELCOME
   WELCOME shard -> worker   the shard's slice (offset, count), version, incarnation, step to
                             resume from (``step``), total vector size (``aux``)
-  PUSH    worker -> shard   gradient slice computed on parameters ``version`` at worker ``step``
+  PUSH    worker -> shard   gradient computed on parameters ``version`` at worker ``step``,
+                            for [offset, offset + count): the whole slice or a part of it
   PULL    worker -> shard   ask for parameters of version >= ``version``; reply PARAMS
   PARAMS  shard -> worker   the shard's parameter slice at ``version``; flag FINISHED at the end
   REPORT  worker -> shard 0 a ``Report`` payload (loss, step time, bytes, evaluation)

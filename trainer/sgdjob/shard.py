@@ -5,13 +5,14 @@ message and calls ``send`` for the replies, so tests can drive it directly. ``ru
 ``roles`` wires it to a ROUTER socket.
 
 Modes (``spec.training.mode``):
-- ``sync``: the gradients for version t are kept as received (zero-copy frames) until the
-  first ``replicas`` distinct workers have pushed; they are then summed in worker order (so
-  a fixed-seed run is bit-for-bit reproducible), averaged and applied, and the version
-  becomes t+1. With ``backupWorkers`` b, N+b workers run and late pushes for a closed version
+- ``sync``: a worker's gradient for version t comes whole or in parts (sub-ranges, pushed
+  during its backward pass); parts are summed into the accumulator as they arrive, in worker
+  order (``sgdjob.syncstep``: a fixed-seed run is bit-for-bit reproducible). Once the first
+  ``replicas`` distinct workers have covered the slice the sum is averaged and applied, and
+  the version becomes t+1. With ``backupWorkers`` b, N+b workers run and late pushes for a closed version
   are dropped and counted (Chen et al. 2017). A pull for version v is answered once the
   shard reached v.
-- ``async`` / ``downpour``: each gradient is applied on arrival, scaled by the staleness rule;
+- ``async`` / ``downpour``: each gradient is applied once it is whole, scaled by the staleness rule;
   tau = version now - version the gradient was computed on; gradients with tau above
   ``maxStaleness`` are dropped and counted. Pulls are answered at once.
 
