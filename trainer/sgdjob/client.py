@@ -1,9 +1,11 @@
 """A worker's connections to every shard: hello, push, pull, report, done.
 
 One DEALER per shard. Requests go out to all shards before any reply is read, so the shards
-work in parallel. Received parameter frames are copied exactly once, into the caller's flat
-host buffer; outgoing gradient slices are zero-copy views whose trackers are awaited before
-the caller may overwrite the buffer (``wait_sent``).
+work in parallel, and replies are taken in the order they arrive, so each slice is copied in
+as soon as its shard answers. Received parameter frames are copied exactly once, into the
+caller's flat host buffer; outgoing gradient slices are zero-copy views whose trackers are
+awaited before the caller may overwrite the buffer (``wait_sent``). ``push_range`` sends one
+bucket of the gradient (the part of it in each shard's slice) while backward still runs.
 """
 
 from __future__ import annotations
@@ -151,9 +153,8 @@ class ShardClient:
             if msg is None:
                 continue
             h = parse_header(msg.header, token=self.token)
-            known = self.incarnations[shard] if self.incarnations else None
-            if check_incarnation and known is not None and h.incarnation != known:
-                raise ShardRestarted(shard)
+            if check_incarnation:
+                h = self._check_reply(shard, msg)
             if h.op == Op.ERROR:
                 if h.error == ErrorCode.UNKNOWN_WORKER:
                     raise ShardRestarted(shard)
@@ -244,21 +245,37 @@ class ShardClient:
                 )
                 continue
             assert isinstance(part, np.ndarray), "float32 pushes come from host memory"
-            frames = vector_frames(part, self.chunk_bytes)
-            h = self._header(
-                Op.PUSH,
-                k,
-                version=version,
-                step=step,
-                offset=s.offset,
-                count=s.count,
-                nbytes=s.count * 4,
-                nframes=len(frames),
-                dtype=DType.FLOAT32,
-            )
-            tracker = ep.send(h, frames, track=True)
-            if tracker is not None:
-                self.trackers.append(tracker)
+            self._push_float(k, part, s.offset, version=version, step=step)
+
+    def push_range(
+        self, grads: np.ndarray, start: int, end: int, *, versions: list[int], step: int
+    ) -> None:
+        """float32: send each shard the part of ``grads[start:end]`` in its slice (a bucket
+        that backward finished), zero-copy; the caller must not write those elements until
+        ``wait_sent``. The shard closes the step once a worker's parts cover its slice."""
+        for k, (s, version) in enumerate(zip(self.slices, versions, strict=True)):
+            a, b = max(start, s.offset), min(end, s.end)
+            if a < b:
+                self._push_float(k, grads[a:b], a, version=version, step=step)
+
+    def _push_float(
+        self, k: int, part: np.ndarray, offset: int, *, version: int, step: int
+    ) -> None:
+        frames = vector_frames(part, self.chunk_bytes)
+        h = self._header(
+            Op.PUSH,
+            k,
+            version=version,
+            step=step,
+            offset=offset,
+            count=part.shape[0],
+            nbytes=part.shape[0] * 4,
+            nframes=len(frames),
+            dtype=DType.FLOAT32,
+        )
+        tracker = self.endpoints[k].send(h, frames, track=True)
+        if tracker is not None:
+            self.trackers.append(tracker)
 
     def wait_sent(self) -> None:
         for t in self.trackers:
@@ -266,9 +283,17 @@ class ShardClient:
         self.trackers.clear()
 
     def pull(
-        self, params: np.ndarray, *, min_version: int, final: bool = False
+        self,
+        params: np.ndarray,
+        *,
+        min_version: int,
+        final: bool = False,
+        while_waiting: Callable[[], None] | None = None,
     ) -> tuple[list[int], bool]:
         """Fill ``params`` from every shard; returns (each shard's version, finished).
+
+        ``while_waiting`` runs once the requests are out, while the shards close the step
+        (the worker zeroes its gradient buffer there, off the critical path).
 
         Raises ShardRestarted (after resyncing with that shard) when a shard turned out to be
         a new process: the caller decides where to resume and pulls again.
@@ -284,12 +309,17 @@ class ShardClient:
 
         for k in range(len(self.endpoints)):
             send_pull(k)
-        versions, finished = [], True
-        for k, s in enumerate(self.slices):
+        if while_waiting is not None:
+            while_waiting()
+        versions: list[int] = [0] * len(self.endpoints)
+        finished = True
+        waiting = set(range(len(self.endpoints)))
+        while waiting:
             try:
-                h, msg = self._recv(k, Op.PARAMS, resend=functools.partial(send_pull, k), seq=seq)
-            except ShardRestarted:
-                raise ShardRestarted(k, self.resync(k)) from None
+                k, h, msg = self._recv_any(waiting, Op.PARAMS, resend=send_pull, seq=seq)
+            except ShardRestarted as err:
+                raise ShardRestarted(err.shard, self.resync(err.shard)) from None
+            s = self.slices[k]
             check_range(h, offset=s.offset, count=s.count)
             if h.count != s.count:
                 raise ProtocolError(ErrorCode.BAD_RANGE, f"shard {k} sent {h.count} elements")
@@ -304,9 +334,60 @@ class ShardClient:
                     if self.recon is not None:
                         self.recon[start : start + arr.shape[0]] = arr
                     start += arr.shape[0]
-            versions.append(h.version)
+            versions[k] = h.version
             finished = finished and bool(h.flags & Flags.FINISHED)
+            waiting.discard(k)
         return versions, finished
+
+    def _recv_any(
+        self, shards: set[int], expect: Op, *, resend: Callable[[int], None], seq: int
+    ) -> tuple[int, Header, Incoming]:
+        """The first ``expect`` reply from any of ``shards`` (see ``_recv``); an unanswered
+        request is re-sent every RETRY_S, and ShardUnavailable is raised when none of them
+        answered for the communication timeout."""
+        limit = self.timeout_s
+        deadline = math.inf if limit is None else time.monotonic() + limit
+        next_resend = time.monotonic() + RETRY_S
+        while True:
+            for k in sorted(shards):
+                got = self._take(k, expect, seq=seq)
+                if got is not None:
+                    return k, *got
+            now = time.monotonic()
+            if now >= deadline:
+                raise ShardUnavailable(
+                    f"shards {sorted(shards)} sent no {expect.name} for {limit:.0f}s"
+                )
+            if now >= next_resend:
+                for k in shards:
+                    resend(k)
+                next_resend = now + RETRY_S
+            timeout_ms = max(1, int((min(deadline, next_resend) - now) * 1000))
+            zmq.select([self.endpoints[k].sock for k in shards], [], [], timeout_ms / 1000)
+
+    def _take(self, k: int, expect: Op, *, seq: int) -> tuple[Header, Incoming] | None:
+        """One waiting message from shard ``k`` if it is the reply we want (stale ones are
+        skipped; errors and new incarnations raise as in ``_recv``)."""
+        ep = self.endpoints[k]
+        while ep.poll(0):
+            msg = ep.recv()
+            if msg is None:
+                continue
+            h = self._check_reply(k, msg)
+            if h.op == expect and h.step >= seq:
+                return h, msg
+        return None
+
+    def _check_reply(self, shard: int, msg: Incoming) -> Header:
+        h = parse_header(msg.header, token=self.token)
+        known = self.incarnations[shard] if self.incarnations else None
+        if known is not None and h.incarnation != known:
+            raise ShardRestarted(shard)
+        if h.op == Op.ERROR:
+            if h.error == ErrorCode.UNKNOWN_WORKER:
+                raise ShardRestarted(shard)
+            raise ShardRejected(f"shard {shard} rejected a request: {h.error.name}")
+        return h
 
     def _apply_delta(self, k: int, h: Header, msg: Incoming, params: np.ndarray) -> None:
         """serverToWorker: add the shard's 1-bit update to what we hold, then to ``params``."""
