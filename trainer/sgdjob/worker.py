@@ -48,6 +48,7 @@ from sgdjob.data.dataset import from_legacy
 from sgdjob.gpus import GPUError
 from sgdjob.models import FlatModel, build_model
 from sgdjob.output import atomic_write
+from sgdjob.overlap import OverlapPusher, fallback_reason
 from sgdjob.precision import Precision, clip_grad_norm_
 from sgdjob.protocol import Report
 from sgdjob.schedule import Schedule
@@ -173,6 +174,22 @@ def run_worker(
         # 1-bit encoding runs where the gradient is (the GPU); Downpour accumulates on host.
         ef_device="cpu" if t.mode == "downpour" else flat.grads.device,
     )
+    overlap: OverlapPusher | None = None
+    reason = fallback_reason(spec, precision)
+    if reason is None:
+        overlap = OverlapPusher(flat, client, host_grads=host.grads_t, bucket_mb=t.bucket_mb)
+        log.info(
+            "worker %d: pushing %d gradient buckets during backward", index, len(overlap.buckets)
+        )
+    elif t.bucket_mb:
+        log.info("worker %d: pushing the gradient after backward: %s", index, reason)
+
+    def zero_while_waiting() -> None:
+        # The shards are closing the step: zero the gradient buffer meanwhile, once ZeroMQ
+        # no longer reads it (off the critical path; backward accumulates into it).
+        client.wait_sent()
+        flat.zero_grad()
+
     try:
         welcome = client.hello(flat.size, total_steps=steps)
         step = welcome.resume_step
@@ -191,7 +208,9 @@ def run_worker(
             if t.mode != "downpour" or not versions or step % t.fetch_every == 0:
                 min_version = step if t.mode == "sync" else 0
                 try:
-                    versions, finished = client.pull(host.params, min_version=min_version)
+                    versions, finished = client.pull(
+                        host.params, min_version=min_version, while_waiting=zero_while_waiting
+                    )
                 except ShardRestarted as err:
                     log.warning("worker %d: %s; resynced", index, err)
                     if t.mode == "sync":
@@ -213,13 +232,17 @@ def run_worker(
             xb = xb.to(device, non_blocking=True)
             yb = yb.to(device, non_blocking=True)
             client.wait_sent()  # the last push may still be reading the gradient buffer
-            loss = compute_gradient(flat, task, precision, xb, yb, clip=t.grad_clip_norm)
+            if overlap is not None:
+                overlap.arm(versions=versions, step=step)
+            loss = compute_gradient(
+                flat, task, precision, xb, yb, clip=t.grad_clip_norm, overlap=overlap
+            )
             if not math.isfinite(float(loss)):
                 # Say so and stop: a NaN report would be refused and the job left waiting.
                 raise Diverged(f"worker {index}: the loss is {float(loss)} at step {step}")
             if delay_s:
                 time.sleep(delay_s)
-            if local_acc is not None or not onebit:
+            if overlap is None and (local_acc is not None or not onebit):
                 host.grads_to_host()  # 1-bit encodes on the device; only bits come to host
             if local_acc is not None:
                 # Downpour: step locally between fetches, push the accumulated gradient.
@@ -231,7 +254,7 @@ def run_worker(
                     client.wait_sent()
                     local_acc.fill(0.0)
                     since_push = 0
-            else:
+            elif overlap is None:
                 client.push(flat.grads if onebit else host.grads, versions=versions, step=step)
             ev = None
             if index == 0 and step % t.eval_interval == 0:
@@ -285,6 +308,8 @@ def run_worker(
         write_termination_message(os.environ.get(ENV_TERMINATION_LOG, ""), final)
         return 0
     finally:
+        if overlap is not None:
+            overlap.close()
         source.close()
         client.close()
         ctx.term()
@@ -353,12 +378,22 @@ def compute_gradient(
     yb: torch.Tensor,
     *,
     clip: float | None,
+    overlap: OverlapPusher | None = None,
 ) -> torch.Tensor:
     """Forward, backward (autocast, loss scaling, clipping) and the buffers' change, all
-    written into ``flat.grads``; returns the batch's loss."""
-    flat.zero_grad()
+    written into ``flat.grads``; returns the batch's loss. With ``overlap`` (armed; only
+    where ``fallback_reason`` is None: no clipping, no loss scaling) each bucket is pushed
+    as backward finishes it."""
+    flat.ensure_zero_grad()  # zeroed during the pull already, as a rule
     with precision.autocast():
         loss = task.loss(flat.model(xb), yb)
+    flat.grads_zero = False
+    if overlap is not None:
+        flat.buffer_deltas()  # buffers change in forward only
+        overlap.forward_done()
+        loss.backward()
+        overlap.backward_done()
+        return loss.detach()
     scaler = precision.scaler
     if scaler is not None:
         scaler.scale_loss(loss).backward()

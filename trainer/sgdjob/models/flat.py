@@ -40,11 +40,13 @@ class FlatModel:
         for p in self.model.parameters():  # float32 master weights; autocast does the rest
             p.data = p.data.float()
         params = [p for p in self.model.parameters() if p.requires_grad]
+        self.trainable_params = params  # in flat order: params[i] sits before params[i + 1]
         self.buffers = [b for _, b in self.model.named_buffers() if b.numel() > 0]
         trainable = sum(p.numel() for p in params)
         total = trainable + sum(b.numel() for b in self.buffers)
         self.params = torch.empty(total, dtype=torch.float32, device=device)
         self.grads = torch.zeros(total, dtype=torch.float32, device=device)
+        self.grads_zero = True  # backward may accumulate into the parameter gradients
         offset = 0
         for p in params:
             n = p.numel()
@@ -66,7 +68,14 @@ class FlatModel:
         return self.grads[: self.trainable]
 
     def zero_grad(self) -> None:
-        self.grads.zero_()
+        """Zero the parameters' gradients (autograd adds into them). The buffer range needs
+        none: ``buffer_deltas`` overwrites all of it."""
+        self.grads[: self.trainable].zero_()
+        self.grads_zero = True
+
+    def ensure_zero_grad(self) -> None:
+        if not self.grads_zero:
+            self.zero_grad()
 
     def load_buffers(self) -> None:
         """Set the module's buffers to the values in the parameter vector (after a pull)."""
