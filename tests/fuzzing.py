@@ -242,7 +242,7 @@ REPORT_CHECKS: list[tuple[str, Mutate]] = [
 ]
 PUSH_CHECKS: list[tuple[str, Mutate]] = [
     ("offset off the slice", field_to("offset", 1, COUNT - 1, COUNT, U64, code=E.BAD_RANGE)),
-    ("count off the slice", field_to("count", 0, COUNT - 1, COUNT + 1, U64, code=E.BAD_RANGE)),
+    ("count off the slice", field_to("count", 0, COUNT + 1, U64, code=E.BAD_RANGE)),
     (
         "gradient from the future",
         field_to("version", lambda r, h: r.shard.version + 1, U64, code=E.BAD_STATE),
@@ -265,6 +265,8 @@ PUSH_CHECKS: list[tuple[str, Mutate]] = [
     ("a short frame", frames_to(shorten_a_frame, code=E.TRUNCATED, keep_header=True)),
 ]
 FP32_CHECKS: list[tuple[str, Mutate]] = [
+    # A part of the slice is a valid push (overlap with backward), but not with these bytes.
+    ("count not the bytes", field_to("count", 1, COUNT - 1, code=E.BAD_SIZE)),
     ("NaN or inf in the gradient", frames_to(nonfinite_element, code=E.NOT_FINITE)),
     ("not float32", field_to("dtype", DType.NONE, DType.ONEBIT, code=E.BAD_DTYPE)),
     ("a frame splits an element", frames_to(split_off_element, code=E.BAD_SIZE)),

@@ -213,7 +213,9 @@ def invalid_because(rig: Rig, wire: Wire, version_before: int, steps: int | None
             return f"report: {err}"
     if h.op != Op.PUSH:
         return None
-    if (h.offset, h.count) != (0, rig.count) or h.version > version_before:
+    whole = (h.offset, h.count) == (0, rig.count)
+    inside = h.count > 0 and h.offset + h.count <= rig.count  # a part: overlap with backward
+    if not (whole if rig.onebit else inside) or h.version > version_before:
         return f"push of [{h.offset}, +{h.count}) at version {h.version}"
     if len(frames) != h.nframes or sum(sizes) != h.nbytes:
         return f"frames {sizes} for {h.nframes} frames, {h.nbytes} bytes"
@@ -230,7 +232,7 @@ def invalid_because(rig: Rig, wire: Wire, version_before: int, steps: int | None
         except CompressionError as err:
             return f"1-bit payload: {err}"
         return None
-    if h.dtype != DType.FLOAT32 or h.nbytes != 4 * rig.count or any(s % 4 for s in sizes):
+    if h.dtype != DType.FLOAT32 or h.nbytes != 4 * h.count or any(s % 4 for s in sizes):
         return f"fp32 push of {sizes} as {h.dtype.name}"
     if not np.isfinite(np.frombuffer(b"".join(frames), np.float32)).all():
         return "non-finite gradient"
