@@ -60,17 +60,25 @@ def run_job_process(
         try:
             code = proc.wait(timeout=timeout_s + 30)
         except subprocess.TimeoutExpired:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            _stop(proc)
             raise JobRunError(f"job {out} ran past {timeout_s:.0f}s; log {log}") from None
+        except BaseException:  # e.g. Ctrl-C in the bench: the job must not outlive it
+            _stop(proc)
+            raise
     if code != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-8:])
         raise JobRunError(f"job {out} exited {code}; log {log}\n{tail}")
     return dict(json.loads((out / "summary.json").read_text(encoding="utf-8")))
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (the child cleans up its job), then SIGKILL after 30 s; always reaped."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def on_term(signum: int, _frame: object) -> None:
+        print(f"bench.jobrun: signal {signum}, stopping the job", flush=True)
         raise SystemExit(128 + signum)  # unwinds through the job's clean-up
 
     signal.signal(signal.SIGTERM, on_term)
