@@ -10,7 +10,15 @@ import inspect
 import sys
 import time
 
-BENCHES = ["transport", "sync_vs_ddp", "compression", "convergence", "workloads", "operator"]
+BENCHES = [
+    "transport",
+    "sync_vs_ddp",
+    "compression",
+    "time_to_accuracy",
+    "convergence",
+    "workloads",
+    "operator",
+]
 
 
 def main(argv: list[str]) -> int:

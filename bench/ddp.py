@@ -2,7 +2,9 @@
 
 ``run_ddp(...)`` starts one process per rank (torch threads 1), optionally each inside a network
 namespace from ``bench.netns`` via ``ip netns exec``, runs a bounded number of synchronous SGD
-steps on synthetic data and returns rank 0's timing. It is the number sgdjob's parameter-server
+steps on synthetic data, with or without a gradient-compression hook (``bench.ddp_hooks``),
+and returns rank 0's timing. ``run_ranks`` is the process launcher it shares with the
+real-data ranks of ``bench.ddp_train``. It is the number sgdjob's parameter-server
 runs are compared against, on loopback and across a shaped link.
 
 ``python -m bench.ddp`` measures loopback, and the 1gbit / 10gbit veth links when namespaces are
@@ -20,13 +22,16 @@ import sys
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
+from bench.ddp_hooks import HOOKS, min_warmup, validate_hook
+from bench.ddp_hooks import register as register_hook
 from bench.netns import NetnsUnavailable, in_netns, veth_link
 from bench.report import markdown_table, write_result
 from sgdjob.compression import wire_nbytes
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
-_RESULT_PREFIX = "DDP_RESULT "
+RESULT_PREFIX = "DDP_RESULT "
 
 
 def mlp_params(hidden: int, layers: int, classes: int = 10) -> int:
@@ -55,24 +60,19 @@ def _netns_ifname(ns: str) -> str:
     return names[0]
 
 
-def run_ddp(
+def run_ranks(
     *,
+    module: str,
+    rank_argv: list[str],
     workers: int,
-    hidden: int,
-    layers: int,
-    batch: int,
-    steps: int,
-    master_addr: str,
-    port: int,
     netns: list[str | None] | None = None,
     timeout_s: float = 300.0,
-    warmup: int = 1,
 ) -> dict[str, object]:
-    """Train for ``steps`` timed steps after ``warmup`` untimed ones; return rank 0's numbers.
+    """Run ``python -m module --rank r *rank_argv`` for every rank; return rank 0's result.
 
-    ``netns[r]`` is the namespace rank ``r`` runs in (None: the caller's). ``master_addr`` must
-    be reachable from every rank (127.0.0.1 on loopback, the rank-0 end of the veth otherwise).
-    Every process is waited for; on a failure or a timeout the rest are killed and reaped.
+    ``netns[r]`` is the namespace rank ``r`` runs in (None: the caller's). Every process is
+    waited for (so a caller's ``RUSAGE_CHILDREN`` counts their CPU); on a failure or a
+    timeout the rest are killed and reaped. Rank 0 prints one ``DDP_RESULT <json>`` line.
     """
     if netns is not None and len(netns) != workers:
         raise ValueError(f"netns has {len(netns)} entries for {workers} workers")
@@ -81,16 +81,13 @@ def run_ddp(
     try:
         for rank, ns in enumerate(spaces):
             env = dict(os.environ)
-            # The rank runs `-m bench.ddp`, which imports sgdjob: both must be importable
+            # The rank runs `-m bench.<module>`, which imports sgdjob: both must be importable
             # even when the package is not pip-installed.
             paths = (str(_REPO_ROOT), str(_REPO_ROOT / "trainer"), env.get("PYTHONPATH"))
             env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
             env["GLOO_SOCKET_IFNAME"] = "lo" if ns is None else _netns_ifname(ns)
             env["OMP_NUM_THREADS"] = "1"
-            argv = [sys.executable, "-m", "bench.ddp", "--rank", str(rank)]
-            argv += ["--workers", str(workers), "--hidden", str(hidden), "--layers", str(layers)]
-            argv += ["--batch", str(batch), "--steps", str(steps), "--warmup", str(warmup)]
-            argv += ["--master-addr", master_addr, "--port", str(port)]
+            argv = [sys.executable, "-m", module, "--rank", str(rank), *rank_argv]
             procs.append(
                 subprocess.Popen(
                     in_netns(ns, argv),
@@ -116,12 +113,46 @@ def run_ddp(
             if proc.poll() is None:
                 proc.kill()  # by pid: only the processes this call started
             proc.wait()
-    lines = [ln for ln in outputs[0].splitlines() if ln.startswith(_RESULT_PREFIX)]
+    lines = [ln for ln in outputs[0].splitlines() if ln.startswith(RESULT_PREFIX)]
     if not lines:
         raise RuntimeError(f"rank 0 printed no result: {outputs[0][-2000:]}")
-    result: dict[str, object] = json.loads(lines[-1][len(_RESULT_PREFIX) :])
+    result: dict[str, object] = json.loads(lines[-1][len(RESULT_PREFIX) :])
     result["link"] = "loopback" if netns is None else "netns"
     return result
+
+
+def run_ddp(
+    *,
+    workers: int,
+    hidden: int,
+    layers: int,
+    batch: int,
+    steps: int,
+    master_addr: str,
+    port: int,
+    netns: list[str | None] | None = None,
+    timeout_s: float = 300.0,
+    warmup: int = 1,
+    hook: str = "none",
+) -> dict[str, object]:
+    """Train for ``steps`` timed steps after ``warmup`` untimed ones; return rank 0's numbers.
+
+    ``hook`` is the gradient compression (``bench.ddp_hooks``); PowerSGD needs ``warmup`` >= 2
+    so that the timed steps are all compressed. ``master_addr`` must be reachable from every
+    rank (127.0.0.1 on loopback, the rank-0 end of the veth otherwise).
+    """
+    validate_hook(hook)
+    if warmup < min_warmup(hook):
+        raise ValueError(
+            f"warmup={warmup}: hook {hook} runs plain all-reduce for its first "
+            f"{min_warmup(hook)} steps, so warmup must be at least that"
+        )
+    argv = ["--workers", str(workers), "--hidden", str(hidden), "--layers", str(layers)]
+    argv += ["--batch", str(batch), "--steps", str(steps), "--warmup", str(warmup)]
+    argv += ["--master-addr", master_addr, "--port", str(port), "--hook", hook]
+    return run_ranks(
+        module="bench.ddp", rank_argv=argv, workers=workers, netns=netns, timeout_s=timeout_s
+    )
 
 
 def _rank_main(args: argparse.Namespace) -> None:
@@ -145,6 +176,7 @@ def _rank_main(args: argparse.Namespace) -> None:
         for _ in range(args.layers):
             blocks += [nn.Linear(args.hidden, args.hidden), nn.ReLU()]
         model = DistributedDataParallel(nn.Sequential(*blocks, nn.Linear(args.hidden, 10)))
+        register_hook(model, args.hook)
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
         x = torch.randn(args.batch, args.hidden)
         y = torch.randint(0, 10, (args.batch,))
@@ -171,22 +203,25 @@ def _rank_main(args: argparse.Namespace) -> None:
                 "batch": args.batch,
                 "steps": args.steps,
                 "warmup": args.warmup,
+                "hook": args.hook,
                 "seconds": seconds,
                 "samples_per_s": args.workers * args.batch * args.steps / seconds,
                 "step_ms": 1e3 * seconds / args.steps,
             }
-            print(_RESULT_PREFIX + json.dumps(result), flush=True)
+            print(RESULT_PREFIX + json.dumps(result), flush=True)
     finally:
         dist.destroy_process_group()
 
 
 def _bench_main(args: argparse.Namespace) -> None:
-    common = dict(
+    common: dict[str, Any] = dict(
         workers=args.workers,
         hidden=args.hidden,
         layers=args.layers,
         batch=args.batch,
         steps=args.steps,
+        warmup=args.warmup,
+        hook=args.hook,
     )
     rows: list[list[object]] = []
 
@@ -214,7 +249,10 @@ def _bench_main(args: argparse.Namespace) -> None:
         except NetnsUnavailable as exc:
             notes.append(f"veth {rate}: skipped: {exc}")
     body = markdown_table(["link", "workers", "params", "batch", "step ms", "samples/s"], rows)
-    body += "\n\nCPU gloo DDP, torch threads 1 per rank, synthetic data, one warm-up step."
+    body += (
+        f"\n\nCPU gloo DDP, hook {args.hook}, torch threads 1 per rank, synthetic data, "
+        f"{args.warmup} warm-up step(s)."
+    )
     n = mlp_params(args.hidden, args.layers)
     body += (
         f"\n\nGradient per worker per step: {4 * n / 1e6:.1f} MB as fp32, "
@@ -233,10 +271,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=10)  # ~10.5 M parameters
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--master-addr", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=29500)
     parser.add_argument("--rates", nargs="*", default=["1gbit", "10gbit"])
+    parser.add_argument("--hook", default="none", type=validate_hook, help=", ".join(HOOKS))
     args = parser.parse_args(argv)
     if args.rank is not None:
         _rank_main(args)
