@@ -23,6 +23,9 @@ from sgdjob.curvekeys import JobKeys
 KEYS = JobKeys.generate()  # this test session's job keys
 
 
+STARTUP_S = 180.0
+
+
 @contextlib.contextmanager
 def shard_process(spec: SGDJobSpec, tmp_path: Path, *, token: str) -> Iterator[dict[str, Any]]:
     """Shard 0 of ``spec`` with CURVE keys ``KEYS``; yields endpoint, status URL and process."""
@@ -45,10 +48,11 @@ def shard_process(spec: SGDJobSpec, tmp_path: Path, *, token: str) -> Iterator[d
         [sys.executable, "-m", "sgdjob", "trainer"], env={**os.environ, **c.to_env()}
     )
     try:
-        for _ in range(600):
-            if ready_file.exists():
-                break
+        # Start-up imports torch: seconds alone, minutes on a machine loaded to ten or more.
+        deadline = time.monotonic() + STARTUP_S
+        while not ready_file.exists():
             assert proc.poll() is None, "shard died during start-up"
+            assert time.monotonic() < deadline, f"shard not ready after {STARTUP_S:.0f}s"
             time.sleep(0.05)
         ready = json.loads(ready_file.read_text())
         yield {
