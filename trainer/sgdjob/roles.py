@@ -171,7 +171,6 @@ def run_role(contract: ProcessContract) -> int:
 def run_shard_process(contract: ProcessContract, spec: SGDJobSpec, token: bytes) -> int:
     import numpy as np
     import torch
-    import zmq
 
     from sgdjob.checkpoint import BackgroundCheckpointer, Checkpointer, CheckpointMismatch
     from sgdjob.data import data_shapes
@@ -181,7 +180,7 @@ def run_shard_process(contract: ProcessContract, spec: SGDJobSpec, token: bytes)
     from sgdjob.slicing import partition
     from sgdjob.stats import ShardStats
     from sgdjob.tasks import load_task
-    from sgdjob.transport import bind_router
+    from sgdjob.transport import bind_router, io_threads_for, make_context
 
     k = contract.index
     if k >= spec.parameter_servers.shards:
@@ -205,7 +204,8 @@ def run_shard_process(contract: ProcessContract, spec: SGDJobSpec, token: bytes)
     del flat
     n_workers = spec.workers.replicas + t.backup_workers
     stats = ShardStats(shard=k, workers=n_workers, mode=t.mode, metric=load_task(t).metric)
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    # An I/O thread per worker: their pushes are received (and CURVE-decrypted) in parallel.
+    ctx = make_context(io_threads=io_threads_for(n_workers))
     curve = (
         CurveServer(
             public=contract.curve_server_public,
