@@ -17,18 +17,24 @@ matches the slice and whose checksum holds; truncated or corrupt files are logge
 What is not saved, and why: the server-to-worker mirrors (a restarted shard sends every worker
 full parameters on its next pull, which is an exact resync) and the workers' own 1-bit
 residuals (they live on the workers, which survive a shard restart).
+
+``BackgroundCheckpointer`` keeps the writing off the step loop: the loop copies the state once
+(``snapshot``), a thread hashes and writes that copy. Its class docstring gives the points,
+the one-write-in-flight rule and why a crash still loses at most ``checkpoint.every`` versions.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
 import re
 import struct
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -69,15 +75,22 @@ class ShardState:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def encode(state: ShardState) -> bytes:
-    """The file's bytes (arrays are float32 vectors of the slice's length)."""
+def encode_parts(state: ShardState) -> list[bytes | memoryview]:
+    """The file's bytes as parts: magic, length, header, then each array read in place.
+
+    Nothing is copied here: the arrays' own buffers are hashed and handed to the writer, so
+    they must not change until the parts are written (``snapshot`` makes them private).
+    """
     digest = hashlib.sha256()
     entries, offset = [], 0
+    views: list[memoryview] = []
     for name, arr in state.arrays.items():
         if arr.dtype != np.float32 or arr.shape != (state.count,):
             raise CheckpointError(f"array {name} must be float32 of length {state.count}")
         entries.append({"name": name, "offset": offset, "nbytes": arr.nbytes})
-        digest.update(np.ascontiguousarray(arr).data)
+        view = memoryview(np.ascontiguousarray(arr)).cast("B")  # type: ignore[arg-type]
+        digest.update(view)  # hashlib drops the GIL for buffers this size
+        views.append(view)
         offset += arr.nbytes
     header = json.dumps(
         {
@@ -94,9 +107,12 @@ def encode(state: ShardState) -> bytes:
         },
         sort_keys=True,
     ).encode()
-    parts = [MAGIC, struct.pack("<I", len(header)), header]
-    parts += [np.ascontiguousarray(a).tobytes() for a in state.arrays.values()]
-    return b"".join(parts)
+    return [MAGIC, struct.pack("<I", len(header)), header, *views]
+
+
+def encode(state: ShardState) -> bytes:
+    """The file's bytes in one buffer (arrays are float32 vectors of the slice's length)."""
+    return b"".join(encode_parts(state))
 
 
 def decode(data: bytes, *, shard: int, offset: int, count: int) -> ShardState:
@@ -177,11 +193,16 @@ class Checkpointer:
         path = self.dir / f"ckpt-{state.version:012d}{suffix}.sgdckpt"
         if self.run_id:
             state.extra["run"] = {"id": self.run_id, "specHash": self.spec_hash}
-        data = encode(state)
-        atomic_write(path, lambda fh: fh.write(data))
+        parts = encode_parts(state)
+        atomic_write(path, lambda fh: self._write_parts(fh, parts))
         for _, old in self.files()[self.keep :]:
             old.unlink(missing_ok=True)
         return path
+
+    def _write_parts(self, fh: IO[bytes], parts: list[bytes | memoryview]) -> None:
+        # Part by part, straight from the arrays: no joined copy of the whole file.
+        for part in parts:
+            fh.write(part)
 
     def load_latest(self) -> ShardState | None:
         """The newest usable checkpoint of this run; CheckpointMismatch if it is another spec's."""
@@ -205,3 +226,124 @@ class Checkpointer:
                 )
             return state
         return None
+
+
+class CheckpointWriteFailed(RuntimeError):
+    """A background checkpoint write failed: the shard must not go on as if it were saved."""
+
+
+def snapshot(state: ShardState, buffers: dict[str, np.ndarray] | None = None) -> ShardState:
+    """A private copy of ``state``: each array copied once, the small fields deep-copied.
+
+    ``buffers`` (name -> array) are reused when their shape and dtype fit, and filled with the
+    arrays that were allocated, so a shard that checkpoints all run long copies into the same
+    memory instead of faulting in fresh pages every time.
+    """
+    pool = {} if buffers is None else buffers
+    arrays: dict[str, np.ndarray] = {}
+    for name, arr in state.arrays.items():
+        buf = pool.get(name)
+        if buf is None or buf.shape != arr.shape or buf.dtype != arr.dtype:
+            buf = pool[name] = np.empty_like(arr, order="C")
+        np.copyto(buf, arr)
+        arrays[name] = buf
+    return ShardState(
+        shard=state.shard,
+        offset=state.offset,
+        count=state.count,
+        version=state.version,
+        total_steps=state.total_steps,
+        arrays=arrays,
+        next_step=dict(state.next_step),
+        extra=copy.deepcopy(state.extra),
+    )
+
+
+class BackgroundCheckpointer:
+    """Checkpoints off the step loop: snapshot in the loop, encode, hash and write on a thread.
+
+    Points: every ``every // 2`` versions (at least 1), and whenever the milestone changes
+    (a worker left, the training finished). At most one write is in flight: a point that comes
+    while the previous write still runs waits for it before taking its snapshot. So at any
+    moment the write started two points ago is durable, and a crash loses at most
+    ``2 * (every // 2) <= every`` versions: the same bound as a synchronous write every
+    ``every`` versions. ``every == 1`` writes synchronously (there is no half interval).
+
+    A failed write is logged when it happens and raised (``CheckpointWriteFailed``) at the next
+    point, ``wait`` or ``close``: the shard fails instead of running on unsaved. The writer
+    thread is not a daemon, so even an interpreter shutdown finishes the file it writes.
+    """
+
+    def __init__(
+        self, ckpt: Checkpointer, *, every: int, version: int, milestone: object = None
+    ) -> None:
+        if every < 1:
+            raise ValueError(f"checkpoint.every must be at least 1, got {every}")
+        self.ckpt = ckpt
+        self.every = every
+        self.interval = max(1, every // 2)
+        self.synchronous = every == 1
+        self.last_version, self.last_milestone = version, milestone
+        self.last_path: Path | None = None
+        self._buffers: dict[str, np.ndarray] = {}
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._error_version = -1
+        self._closed = False
+
+    @property
+    def in_flight(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def due(self, version: int, milestone: object = None) -> bool:
+        """Is this a checkpoint point? (The version moved on by the interval, or a milestone.)"""
+        return version - self.last_version >= self.interval or milestone != self.last_milestone
+
+    def submit(self, state: ShardState, *, milestone: object = None) -> None:
+        """Snapshot ``state`` now and write it in the background (after the previous write)."""
+        if self._closed:
+            raise RuntimeError("the checkpointer is closed")
+        self.wait()  # one write in flight; its buffers are free again after this
+        snap = snapshot(state, self._buffers)
+        self.last_version, self.last_milestone = state.version, milestone
+        self._thread = threading.Thread(
+            target=self._write, args=(snap,), name=f"ckpt-shard-{state.shard}", daemon=False
+        )
+        self._thread.start()
+        if self.synchronous:
+            self.wait()
+
+    def _write(self, snap: ShardState) -> None:
+        try:
+            self.last_path = self.ckpt.save(snap)
+        except BaseException as err:  # surfaced in the step loop: see wait()
+            log.error(
+                "shard %d: checkpoint of version %d failed: %s", snap.shard, snap.version, err
+            )
+            self._error, self._error_version = err, snap.version
+
+    def wait(self) -> Path | None:
+        """Block until the write in flight is durable; raise if a write failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise CheckpointWriteFailed(
+                f"checkpoint of version {self._error_version} in {self.ckpt.dir} failed: {err}"
+            ) from err
+        return self.last_path
+
+    def close(self, *, raise_error: bool = True) -> None:
+        """Finish the write in flight (the newest checkpoint is durable after this).
+
+        With ``raise_error=False`` (already failing for another reason) a failed write is
+        logged, not raised, so it does not hide that reason.
+        """
+        self._closed = True
+        try:
+            self.wait()
+        except CheckpointWriteFailed as err:
+            if raise_error:
+                raise
+            log.error("%s", err)

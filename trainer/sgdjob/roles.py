@@ -171,9 +171,8 @@ def run_role(contract: ProcessContract) -> int:
 def run_shard_process(contract: ProcessContract, spec: SGDJobSpec, token: bytes) -> int:
     import numpy as np
     import torch
-    import zmq
 
-    from sgdjob.checkpoint import Checkpointer, CheckpointMismatch
+    from sgdjob.checkpoint import BackgroundCheckpointer, Checkpointer, CheckpointMismatch
     from sgdjob.data import data_shapes
     from sgdjob.httpstatus import CachedChecksum, serve_status
     from sgdjob.models import FlatModel, build_model
@@ -181,7 +180,7 @@ def run_shard_process(contract: ProcessContract, spec: SGDJobSpec, token: bytes)
     from sgdjob.slicing import partition
     from sgdjob.stats import ShardStats
     from sgdjob.tasks import load_task
-    from sgdjob.transport import bind_router
+    from sgdjob.transport import bind_router, io_threads_for, make_context
 
     k = contract.index
     if k >= spec.parameter_servers.shards:
@@ -205,7 +204,8 @@ def run_shard_process(contract: ProcessContract, spec: SGDJobSpec, token: bytes)
     del flat
     n_workers = spec.workers.replicas + t.backup_workers
     stats = ShardStats(shard=k, workers=n_workers, mode=t.mode, metric=load_task(t).metric)
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    # An I/O thread per worker: their pushes are received (and CURVE-decrypted) in parallel.
+    ctx = make_context(io_threads=io_threads_for(n_workers))
     curve = (
         CurveServer(
             public=contract.curve_server_public,
@@ -256,8 +256,15 @@ def run_shard_process(contract: ProcessContract, spec: SGDJobSpec, token: bytes)
     if contract.done_workers:
         # The executor saw these workers succeed: they will never push again.
         shard.workers_exited(contract.done_workers)
-    last_saved = shard.version
-    last_milestone = shard.milestone()
+    # Snapshots in the loop, writes on a thread: a crash still loses at most `every` versions
+    # (see BackgroundCheckpointer), and never leaves a half-written file.
+    writer = (
+        BackgroundCheckpointer(
+            ckpt, every=every, version=shard.version, milestone=shard.milestone()
+        )
+        if ckpt is not None and every
+        else None
+    )
     status_port = 0
     if contract.status_bind:
         # The parameters change only with the version: one pass per version at most.
@@ -297,15 +304,8 @@ def run_shard_process(contract: ProcessContract, spec: SGDJobSpec, token: bytes)
                     # Also saved when a worker is done or the training finished: a shard
                     # restored after workers exited must not wait for steps nobody will send.
                     milestone = shard.milestone()
-                    if (
-                        ckpt is not None
-                        and every
-                        and (shard.version - last_saved >= every or milestone != last_milestone)
-                    ):
-                        # Synchronous on purpose: once version v is acknowledged, a crash
-                        # loses at most `every` versions, never a half-written file.
-                        ckpt.save(shard.state())
-                        last_saved, last_milestone = shard.version, milestone
+                    if writer is not None and writer.due(shard.version, milestone):
+                        writer.submit(shard.state(), milestone=milestone)
             if metrics:
                 metrics.tick()
             if shard.should_exit() and (k != 0 or stats.final_report is not None):
@@ -314,6 +314,8 @@ def run_shard_process(contract: ProcessContract, spec: SGDJobSpec, token: bytes)
                 log.error("shard %d: no message for %.0fs; giving up", k, idle_s)
                 return EXIT_PEER
         shard.flush_sends()
+        if writer is not None:
+            writer.close()  # the final checkpoint is durable before the shard says finished
         with stats.lock:
             stats.finished_at = time.time()
         if metrics:
@@ -321,6 +323,10 @@ def run_shard_process(contract: ProcessContract, spec: SGDJobSpec, token: bytes)
         log.info("shard %d: finished at version %d", k, shard.version)
         return EXIT_OK
     finally:
+        if writer is not None:
+            # Leaving on a signal or an error: still finish the file being written (a failed
+            # write is logged then, not raised, so it does not hide why the shard stops).
+            writer.close(raise_error=False)
         endpoint.close()
         ctx.term()
 

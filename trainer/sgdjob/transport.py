@@ -12,11 +12,22 @@ CURVE (``CurveServer`` / ``CurveClient``): a shard's ROUTER is a CURVE server wh
 (pyzmq's ThreadAuthenticator) admits exactly one client public key, the job's. A peer without
 it never completes the handshake, so none of its messages reach the shard; the failed
 handshakes are observed through a socket monitor and reported to ``on_handshake_failure``.
+
+Threads and copies (measured, see docs/benchmarks.md): libzmq does all socket I/O, and all
+CURVE encryption and decryption, on the context's I/O threads, one connection per thread at a
+time. ``make_context(io_threads=io_threads_for(peers))`` gives a process one I/O thread per
+peer (capped by its cores) so a shard decrypts two workers' pushes, and a worker encrypts its
+pushes to two shards, in parallel. Frames of ``COPY_THRESHOLD`` bytes or more go zero-copy:
+each such frame costs a round trip through pyzmq's garbage-collector thread, which is cheaper
+than a copy from 64 KiB up (at 4 MiB frames that is one round trip per 4 MiB); smaller ones
+(headers, 1-bit scales) are copied. SO_SNDBUF/SO_RCVBUF are left to the kernel: setting them
+turns off Linux's TCP buffer autotuning and caps them at ``net.core.[rw]mem_max``.
 """
 
 from __future__ import annotations
 
 import hmac
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -28,6 +39,41 @@ from zmq.utils.monitor import recv_monitor_message
 from sgdjob.protocol import HEADER_SIZE, MAX_FRAME_BYTES, Header
 
 DEFAULT_CHUNK_BYTES = 4 << 20
+# Below this a frame is copied into a ZeroMQ message; from it up it is sent zero-copy (pyzmq's
+# own default, kept explicit: measured cheaper than copying from 64 KiB frames up).
+COPY_THRESHOLD = 1 << 16
+MAX_IO_THREADS = 64
+
+
+def io_threads_for(peers: int, cpus: int | None = None) -> int:
+    """I/O threads for a process talking to ``peers`` sockets' worth of connections.
+
+    One per peer, so each connection's framing and CURVE crypto has a thread of its own, but
+    never more than the cores this process may run on (``os.sched_getaffinity``).
+    """
+    if peers < 1:
+        raise ValueError(f"peers must be at least 1, got {peers}")
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(peers, cpus or 1, MAX_IO_THREADS))
+
+
+def make_context(*, io_threads: int = 1) -> zmq.Context[zmq.Socket[bytes]]:
+    """A ZeroMQ context with ``io_threads`` I/O threads (see ``io_threads_for``)."""
+    if not isinstance(io_threads, int) or not 1 <= io_threads <= MAX_IO_THREADS:
+        raise ValueError(f"io_threads must be an integer in 1..{MAX_IO_THREADS}, got {io_threads}")
+    return zmq.Context(io_threads=io_threads)
+
+
+def _tune(sock: zmq.Socket[bytes]) -> None:
+    """Options every sgdjob socket shares."""
+    # A foreign peer sending one giant frame is disconnected instead of exhausting memory.
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES + 1024)
+    # No high-water mark: a step's frames are never dropped or blocked half-sent.
+    sock.setsockopt(zmq.RCVHWM, 0)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.LINGER, 1000)
+    sock.copy_threshold = COPY_THRESHOLD
 
 
 @dataclass
@@ -188,11 +234,7 @@ def bind_router(
         sock.curve_secretkey = curve.secret.encode()
         sock.curve_publickey = curve.public.encode()
         sock.curve_server = True
-    # A foreign peer sending one giant frame is disconnected instead of exhausting memory.
-    sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES + 1024)
-    sock.setsockopt(zmq.RCVHWM, 0)
-    sock.setsockopt(zmq.SNDHWM, 0)
-    sock.setsockopt(zmq.LINGER, 1000)
+    _tune(sock)
     if endpoint.endswith(":0"):
         endpoint = endpoint[:-2] + ":*"
     sock.bind(endpoint)
@@ -218,9 +260,6 @@ def connect_dealer(
         sock.curve_serverkey = curve.server_public.encode()
         sock.curve_publickey = curve.public.encode()
         sock.curve_secretkey = curve.secret.encode()
-    sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES + 1024)
-    sock.setsockopt(zmq.RCVHWM, 0)
-    sock.setsockopt(zmq.SNDHWM, 0)
-    sock.setsockopt(zmq.LINGER, 1000)
+    _tune(sock)
     sock.connect(endpoint)
     return Endpoint(sock, router=False)
