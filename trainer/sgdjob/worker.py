@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import zmq
 from torch import nn
 
 from sgdjob.api.types import SGDJobSpec
@@ -53,7 +52,7 @@ from sgdjob.precision import Precision, clip_grad_norm_
 from sgdjob.protocol import Report
 from sgdjob.schedule import Schedule
 from sgdjob.tasks import Evaluation, Task, evaluate, load_task
-from sgdjob.transport import CurveClient
+from sgdjob.transport import CurveClient, io_threads_for, make_context
 
 log = logging.getLogger("sgdjob.worker")
 
@@ -161,7 +160,8 @@ def run_worker(
     delay_s = spec.debug.slow_workers.get(index, 0) / 1000.0 if attempt == 0 else 0.0
     if delay_s:
         log.warning("debug.slowWorkers: worker %d sleeps %.3fs per step", index, delay_s)
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    # One I/O thread per shard: CURVE encrypts each connection on its own I/O thread.
+    ctx = make_context(io_threads=io_threads_for(len(addrs)))
     client = ShardClient(
         ctx=ctx,
         addrs=addrs,
