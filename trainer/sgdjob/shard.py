@@ -9,9 +9,9 @@ Modes (``spec.training.mode``):
   during its backward pass); parts are summed into the accumulator as they arrive, in worker
   order (``sgdjob.syncstep``: a fixed-seed run is bit-for-bit reproducible). Once the first
   ``replicas`` distinct workers have covered the slice the sum is averaged and applied, and
-  the version becomes t+1. With ``backupWorkers`` b, N+b workers run and late pushes for a closed version
-  are dropped and counted (Chen et al. 2017). A pull for version v is answered once the
-  shard reached v.
+  the version becomes t+1. With ``backupWorkers`` b, N+b workers run and late pushes for a
+  closed version are dropped and counted (Chen et al. 2017). A pull for version v is
+  answered once the shard reached v.
 - ``async`` / ``downpour``: each gradient is applied once it is whole, scaled by the staleness rule;
   tau = version now - version the gradient was computed on; gradients with tau above
   ``maxStaleness`` are dropped and counted. Pulls are answered at once.
