@@ -24,7 +24,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from bench.ddp_hooks import HOOKS, min_warmup, validate_hook
+from bench.ddp_hooks import HOOKS, bucket_cap_mb, min_warmup, validate_hook
 from bench.ddp_hooks import register as register_hook
 from bench.netns import NetnsUnavailable, in_netns, veth_link
 from bench.report import markdown_table, write_result
@@ -175,7 +175,10 @@ def _rank_main(args: argparse.Namespace) -> None:
         blocks: list[nn.Module] = []
         for _ in range(args.layers):
             blocks += [nn.Linear(args.hidden, args.hidden), nn.ReLU()]
-        model = DistributedDataParallel(nn.Sequential(*blocks, nn.Linear(args.hidden, 10)))
+        model = DistributedDataParallel(
+            nn.Sequential(*blocks, nn.Linear(args.hidden, 10)),
+            bucket_cap_mb=bucket_cap_mb(args.hook),
+        )
         register_hook(model, args.hook)
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
         x = torch.randn(args.batch, args.hidden)

@@ -53,6 +53,19 @@ def label(name: str) -> str:
     return "torch DDP (gloo)" if name == "none" else "torch DDP (gloo), fp16 hook"
 
 
+def bucket_cap_mb(name: str) -> float:
+    """DDP's ``bucket_cap_mb`` for hook ``name``: torch's 25, except one bucket for PowerSGD.
+
+    PowerSGD issues two all-reduces per bucket (P, then Q) from future callbacks. gloo matches
+    collectives by issue order, and with several buckets the two ranks' callbacks interleave
+    differently: gloo then aborts with "Received data size doesn't match expected size"
+    (seen here on the 10-layer MLP, rank 1). With one bucket the order is the same on every
+    rank; PowerSGD loses DDP's overlap of buckets with backward, which matters little when
+    its compressed messages are a few hundred KB.
+    """
+    return 1024.0 if powersgd_rank(name) is not None else 25.0
+
+
 def register(model: Any, name: str) -> None:
     """Register hook ``name`` on a ``DistributedDataParallel`` model (nothing for ``none``)."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.ddp import RESULT_PREFIX, run_ranks
-from bench.ddp_hooks import HOOKS, validate_hook
+from bench.ddp_hooks import HOOKS, bucket_cap_mb, validate_hook
 from bench.ddp_hooks import register as register_hook
 
 
@@ -123,7 +123,7 @@ def _rank_main(args: argparse.Namespace) -> None:
         timeout=timedelta(seconds=300),
     )
     try:
-        ddp = DistributedDataParallel(model)
+        ddp = DistributedDataParallel(model, bucket_cap_mb=bucket_cap_mb(args.hook))
         register_hook(ddp, args.hook)
         opt: torch.optim.Optimizer
         if t.optimizer == "sgd":
