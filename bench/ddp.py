@@ -24,8 +24,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from bench.ddp_hooks import HOOKS, bucket_cap_mb, min_warmup, validate_hook
-from bench.ddp_hooks import register as register_hook
+from bench.ddp_hooks import HOOKS, min_warmup, validate_hook, wrap
 from bench.netns import NetnsUnavailable, in_netns, veth_link
 from bench.report import markdown_table, write_result
 from sgdjob.compression import wire_nbytes
@@ -160,7 +159,6 @@ def _rank_main(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
     from torch import nn
-    from torch.nn.parallel import DistributedDataParallel
 
     torch.set_num_threads(1)
     torch.manual_seed(args.rank)
@@ -175,11 +173,7 @@ def _rank_main(args: argparse.Namespace) -> None:
         blocks: list[nn.Module] = []
         for _ in range(args.layers):
             blocks += [nn.Linear(args.hidden, args.hidden), nn.ReLU()]
-        model = DistributedDataParallel(
-            nn.Sequential(*blocks, nn.Linear(args.hidden, 10)),
-            bucket_cap_mb=bucket_cap_mb(args.hook),
-        )
-        register_hook(model, args.hook)
+        model = wrap(nn.Sequential(*blocks, nn.Linear(args.hidden, 10)), args.hook)
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
         x = torch.randn(args.batch, args.hidden)
         y = torch.randint(0, 10, (args.batch,))

@@ -66,6 +66,15 @@ def bucket_cap_mb(name: str) -> float:
     return 1024.0 if powersgd_rank(name) is not None else 25.0
 
 
+def wrap(model: Any, name: str) -> Any:
+    """``model`` as a ``DistributedDataParallel`` with hook ``name`` and its bucket size."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ddp = DistributedDataParallel(model, bucket_cap_mb=bucket_cap_mb(name))
+    register(ddp, name)
+    return ddp
+
+
 def register(model: Any, name: str) -> None:
     """Register hook ``name`` on a ``DistributedDataParallel`` model (nothing for ``none``)."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook

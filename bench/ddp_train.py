@@ -35,8 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.ddp import RESULT_PREFIX, run_ranks
-from bench.ddp_hooks import HOOKS, bucket_cap_mb, validate_hook
-from bench.ddp_hooks import register as register_hook
+from bench.ddp_hooks import HOOKS, validate_hook, wrap
 
 
 def check_mirrorable(doc: dict[str, Any]) -> None:
@@ -96,7 +95,6 @@ def run_ddp_job(
 def _rank_main(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
 
     from sgdjob.api.validation import parse_job
     from sgdjob.data import eval_batches, gather, load_data, partition_for
@@ -123,8 +121,7 @@ def _rank_main(args: argparse.Namespace) -> None:
         timeout=timedelta(seconds=300),
     )
     try:
-        ddp = DistributedDataParallel(model, bucket_cap_mb=bucket_cap_mb(args.hook))
-        register_hook(ddp, args.hook)
+        ddp = wrap(model, args.hook)
         opt: torch.optim.Optimizer
         if t.optimizer == "sgd":
             opt = torch.optim.SGD(
