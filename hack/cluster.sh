@@ -22,6 +22,8 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 export PYTHON="${PYTHON:-python3}"  # hack/node.sh and hack/images.sh use it too
+# A relative interpreter path (make passes .venv/bin/python) must survive a cd.
+if [[ "$PYTHON" == */* && "$PYTHON" != /* ]]; then PYTHON="$PWD/$PYTHON"; fi
 TOOLS_DIR="${TOOLS_DIR:-$ROOT/.tools}"
 CLUSTER_DIR="${CLUSTER_DIR:-$TOOLS_DIR/cluster}"
 KUBE_VERSION="${KUBE_VERSION:-v1.34.4}"

@@ -32,6 +32,8 @@ CLUSTER_DIR="${CLUSTER_DIR:-$TOOLS_DIR/cluster}"
 CONTAINERD_SOCK="${CONTAINERD_SOCK:-$CLUSTER_DIR/containerd/containerd.sock}"
 TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
 PYTHON="${PYTHON:-python3}"
+# A relative interpreter path (make passes .venv/bin/python) must survive a cd.
+if [[ "$PYTHON" == */* && "$PYTHON" != /* ]]; then PYTHON="$PWD/$PYTHON"; fi
 SUITE=bookworm
 # Debian's docker.io CLI (20.10) has BuildKit built in; a newer CLI on PATH may want buildx.
 DOCKER="${DOCKER:-/usr/bin/docker}"

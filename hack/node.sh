@@ -43,6 +43,8 @@ APISERVER_PORT="${APISERVER_PORT:-6443}"
 PERSISTENT_VOLUMES="${PERSISTENT_VOLUMES:-16}"
 KUBECTL="${KUBECTL:-$TOOLS_DIR/bin/kubectl}"
 PYTHON="${PYTHON:-python3}"
+# A relative interpreter path (make passes .venv/bin/python) must survive a cd.
+if [[ "$PYTHON" == */* && "$PYTHON" != /* ]]; then PYTHON="$PWD/$PYTHON"; fi
 KUBE_BIN="$TOOLS_DIR/kube/$KUBE_VERSION/bin"
 COREDNS_BIN="$TOOLS_DIR/coredns/$COREDNS_VERSION/bin/coredns"
 PKI="$CLUSTER_DIR/pki"
