@@ -21,6 +21,7 @@ from sgdjob.protocol import (
     MAX_FRAME_BYTES,
     MAX_FRAMES,
     MAX_WORKERS,
+    PROTOCOL_VERSION,
     Compression,
     DType,
     ErrorCode,
@@ -174,7 +175,7 @@ HEADER_CHECKS: list[tuple[str, Mutate]] = [
         lambda r, w: ((w[0] + r.rng.randbytes(r.rng.randint(1, 9)), w[1]), E.TRUNCATED),
     ),
     ("bad magic", field_to("magic", bad_magic, code=E.BAD_MAGIC)),
-    ("another protocol version", field_to("proto_version", 0, 2, 3, U16, code=E.BAD_VERSION)),
+    ("another protocol version", field_to("proto_version", 0, 1, 3, U16, code=E.BAD_VERSION)),
     ("unknown op", field_to("op", 0, 9, 10, U8, code=E.BAD_OP)),
     ("a reply op", field_to("op", Op.WELCOME, Op.PARAMS, Op.ERROR, code=E.BAD_OP)),
     ("unknown dtype", field_to("dtype", 3, U8, code=E.BAD_DTYPE)),
@@ -351,7 +352,7 @@ def random_change(rig: Rig, wire: Wire) -> Wire:
         return rig.valid()[0], frames
     if kind == 6:  # random fields behind a right magic, version and token
         fields = list(HEADER.unpack(rng.randbytes(HEADER_SIZE)))
-        fields[0], fields[1], fields[7] = b"SGDJ", 1, TOKEN
+        fields[0], fields[1], fields[7] = b"SGDJ", PROTOCOL_VERSION, TOKEN
         fields[2] = rng.choice([*REQUESTS, fields[2]])
         return HEADER.pack(*fields), frames
     return rng.randbytes(rng.choice([0, HEADER_SIZE, rng.randrange(300)])), frames

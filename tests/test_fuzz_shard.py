@@ -156,7 +156,7 @@ class Rig:
             pulls,
             dict(s.next_step),
             sorted(s.pending),
-            sorted(s.mirrors),
+            sorted(s.downlink.mirrors),
             workers,
             s.stats.samples,
             s.stats.metric_value,

@@ -191,7 +191,7 @@ def run_worker(
         flat.zero_grad()
 
     try:
-        welcome = client.hello(flat.size, total_steps=steps)
+        welcome = client.hello(flat.size, total_steps=steps, trainable=flat.trainable)
         step = welcome.resume_step
         log.info(
             "worker %d: %d parameters, %d steps, resuming at %d on %s",
