@@ -140,7 +140,7 @@ def run_worker(
         seed=t.seed,
     )
     onebit = spec.compression.kind == "onebit"
-    flat = FlatModel(model, device, sync_buffers=not onebit)  # see sgdjob.models.flat
+    flat = FlatModel(model, device)  # buffers are averaged by the shards: sgdjob.models.flat
     host = HostBuffers(flat)
     precision = Precision(t.precision, device)
     schedule = Schedule(t.lr, t.schedule)
