@@ -21,6 +21,7 @@ from sgdjob.protocol import (
     MAX_FRAME_BYTES,
     MAX_FRAMES,
     MAX_WORKERS,
+    PROTOCOL_VERSION,
     Compression,
     DType,
     ErrorCode,
@@ -135,7 +136,7 @@ def with_scale(index: int, *values: float) -> Callable[[Rig, list[bytes]], list[
     def change(rig: Rig, frames: list[bytes]) -> list[bytes]:
         scales = np.frombuffer(frames[1], np.float32).copy()
         scales[rig.rng.randrange(index, scales.size, 2)] = rig.rng.choice(values)
-        return [frames[0], scales.tobytes()]
+        return [frames[0], scales.tobytes(), *frames[2:]]  # buffer frames, if any, as they were
 
     return change
 
@@ -144,6 +145,16 @@ def nonfinite_element(rig: Rig, frames: list[bytes]) -> list[bytes]:
     grad = np.frombuffer(b"".join(frames), np.float32).copy()
     grad[rig.rng.randrange(COUNT)] = rig.rng.choice([np.nan, np.inf, -np.inf])
     return [grad.tobytes()]
+
+
+def nonfinite_buffer(rig: Rig, frames: list[bytes]) -> list[bytes]:
+    raw = np.frombuffer(b"".join(frames[2:]), np.float32).copy()
+    raw[rig.rng.randrange(raw.size)] = rig.rng.choice([np.nan, np.inf, -np.inf])
+    return [*frames[:2], raw.tobytes()]
+
+
+def split_off_buffer_element(rig: Rig, frames: list[bytes]) -> list[bytes]:
+    return [*frames[:2], *split_off_element(rig, frames[2:])]
 
 
 def split_off_element(rig: Rig, frames: list[bytes]) -> list[bytes]:
@@ -174,7 +185,7 @@ HEADER_CHECKS: list[tuple[str, Mutate]] = [
         lambda r, w: ((w[0] + r.rng.randbytes(r.rng.randint(1, 9)), w[1]), E.TRUNCATED),
     ),
     ("bad magic", field_to("magic", bad_magic, code=E.BAD_MAGIC)),
-    ("another protocol version", field_to("proto_version", 0, 2, 3, U16, code=E.BAD_VERSION)),
+    ("another protocol version", field_to("proto_version", 0, 1, 3, U16, code=E.BAD_VERSION)),
     ("unknown op", field_to("op", 0, 9, 10, U8, code=E.BAD_OP)),
     ("a reply op", field_to("op", Op.WELCOME, Op.PARAMS, Op.ERROR, code=E.BAD_OP)),
     ("unknown dtype", field_to("dtype", 3, U8, code=E.BAD_DTYPE)),
@@ -280,12 +291,14 @@ ONEBIT_CHECKS: list[tuple[str, Mutate]] = [
         field_to("bucket_size", 0, BUCKET - 1, BUCKET + 1, U32, code=E.BAD_PAYLOAD),
     ),
     ("bits without scales", frames_to(lambda r, f: f[:1], code=E.BAD_PAYLOAD)),
-    ("three frames", frames_to(lambda r, f: [*f, b""], code=E.BAD_PAYLOAD)),
-    ("a byte of bits too many", frames_to(lambda r, f: [f[0] + b"\0", f[1]], code=E.BAD_PAYLOAD)),
-    ("a byte of bits too few", frames_to(lambda r, f: [f[0][:-1], f[1]], code=E.BAD_PAYLOAD)),
+    (
+        "a byte of bits too many",
+        frames_to(lambda r, f: [f[0] + b"\0", *f[1:]], code=E.BAD_PAYLOAD),
+    ),
+    ("a byte of bits too few", frames_to(lambda r, f: [f[0][:-1], *f[1:]], code=E.BAD_PAYLOAD)),
     (
         "padding bits set",
-        frames_to(lambda r, f: [f[0][:-1] + bytes([f[0][-1] | 0x80]), f[1]], code=E.BAD_PAYLOAD),
+        frames_to(lambda r, f: [f[0][:-1] + bytes([f[0][-1] | 0x80]), *f[1:]], code=E.BAD_PAYLOAD),
     ),
     (
         "a scale not finite",
@@ -293,7 +306,23 @@ ONEBIT_CHECKS: list[tuple[str, Mutate]] = [
     ),
     ("a positive mu_minus", frames_to(with_scale(0, 0.5, 1e30), code=E.BAD_PAYLOAD)),
     ("a negative mu_plus", frames_to(with_scale(1, -0.5, -1e-30), code=E.BAD_PAYLOAD)),
-    ("a bucket too many", frames_to(lambda r, f: [f[0], f[1] + bytes(8)], code=E.BAD_PAYLOAD)),
+    (
+        "a bucket too many",
+        frames_to(lambda r, f: [f[0], f[1] + bytes(8), *f[2:]], code=E.BAD_PAYLOAD),
+    ),
+]
+# A slice with no buffer elements is exactly [bits, scales] (sgdjob.onebit_wire) ...
+WHOLE_SLICE_CHECKS: list[tuple[str, Mutate]] = [
+    ("three frames", frames_to(lambda r, f: [*f, b""], code=E.BAD_PAYLOAD)),
+]
+# ... and one that ends in buffers has them as float32 frames after the 1-bit part.
+BUFFER_CHECKS: list[tuple[str, Mutate]] = [
+    ("the buffer frames missing", frames_to(lambda r, f: f[:2], code=E.BAD_PAYLOAD)),
+    ("an empty buffer frame", frames_to(lambda r, f: [*f, b""], code=E.BAD_SIZE)),
+    ("a buffer element too many", frames_to(lambda r, f: [*f, bytes(4)], code=E.BAD_SIZE)),
+    ("a buffer element too few", frames_to(lambda r, f: [*f[:2], f[2][:-4]], code=E.BAD_SIZE)),
+    ("a frame splits a buffer element", frames_to(split_off_buffer_element, code=E.BAD_SIZE)),
+    ("NaN or inf in the buffers", frames_to(nonfinite_buffer, code=E.NOT_FINITE)),
 ]
 
 
@@ -304,7 +333,11 @@ def checks_for(rig: Rig) -> list[tuple[str, Callable[[], Wire], Mutate]]:
         out += [(f"{base.__name__}: {n}", base, m) for n, m in NO_PAYLOAD_CHECKS]
     out += [(f"hello: {n}", rig.hello, m) for n, m in HELLO_CHECKS]
     out += [(f"report: {n}", rig.report, m) for n, m in REPORT_CHECKS]
-    push_checks = PUSH_CHECKS + (ONEBIT_CHECKS if rig.onebit else FP32_CHECKS)
+    if rig.onebit:
+        push_checks = PUSH_CHECKS + ONEBIT_CHECKS
+        push_checks += BUFFER_CHECKS if rig.split.buffers else WHOLE_SLICE_CHECKS
+    else:
+        push_checks = PUSH_CHECKS + FP32_CHECKS
     return out + [(f"push: {n}", rig.push, m) for n, m in push_checks]
 
 
@@ -351,7 +384,7 @@ def random_change(rig: Rig, wire: Wire) -> Wire:
         return rig.valid()[0], frames
     if kind == 6:  # random fields behind a right magic, version and token
         fields = list(HEADER.unpack(rng.randbytes(HEADER_SIZE)))
-        fields[0], fields[1], fields[7] = b"SGDJ", 1, TOKEN
+        fields[0], fields[1], fields[7] = b"SGDJ", PROTOCOL_VERSION, TOKEN
         fields[2] = rng.choice([*REQUESTS, fields[2]])
         return HEADER.pack(*fields), frames
     return rng.randbytes(rng.choice([0, HEADER_SIZE, rng.randrange(300)])), frames

@@ -29,6 +29,7 @@ from sgdjob.protocol import (
     MAX_FRAME_BYTES,
     MAX_FRAMES,
     MAX_WORKERS,
+    PROTOCOL_VERSION,
     Compression,
     DType,
     ErrorCode,
@@ -70,7 +71,7 @@ def mostly(valid: st.SearchStrategy[Any], wild: st.SearchStrategy[Any]) -> st.Se
 
 raw_fields = st.tuples(
     mostly(st.just(MAGIC), st.binary(min_size=4, max_size=4)),
-    mostly(st.just(1), uint(16)),
+    mostly(st.just(PROTOCOL_VERSION), uint(16)),
     mostly(st.sampled_from([int(o) for o in Op]), uint(8)),
     mostly(st.sampled_from([int(d) for d in DType]), uint(8)),
     mostly(st.sampled_from([int(c) for c in Compression]), uint(8)),
@@ -94,7 +95,7 @@ def expected_code(f: list[Any]) -> ErrorCode | None:
     nbytes, nframes, aux = f[15], f[16], f[18]
     checks = [
         (magic != MAGIC, ErrorCode.BAD_MAGIC),
-        (proto != 1, ErrorCode.BAD_VERSION),
+        (proto != PROTOCOL_VERSION, ErrorCode.BAD_VERSION),
         (op not in {int(o) for o in Op}, ErrorCode.BAD_OP),
         (dtype not in {int(d) for d in DType}, ErrorCode.BAD_DTYPE),
         (comp not in {int(c) for c in Compression}, ErrorCode.BAD_DTYPE),

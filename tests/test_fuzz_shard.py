@@ -22,6 +22,7 @@ import pytest
 import zmq
 
 from sgdjob.compression import CompressionError, quantize, validate_payload
+from sgdjob.onebit_wire import SliceSplit
 from sgdjob.protocol import (
     MAX_FRAME_BYTES,
     Compression,
@@ -74,14 +75,24 @@ class Rig:
     """A shard (after every worker's HELLO) and the valid messages for its current state."""
 
     def __init__(
-        self, rng: random.Random, *, onebit: bool, shard: Shard | None = None, **training: Any
+        self,
+        rng: random.Random,
+        *,
+        onebit: bool,
+        shard: Shard | None = None,
+        trainable: int | None = None,
+        **training: Any,
     ) -> None:
-        """A 2-worker shard of COUNT parameters, or ``shard`` (any other, e.g. before any HELLO)."""
+        """A 2-worker shard of COUNT elements, ``trainable`` of them (the rest are buffers),
+        or ``shard`` (any other with no buffers, e.g. before any HELLO)."""
         spec: dict[str, Any] = {"training": {"momentum": 0.5, **training}}
         if onebit:
             spec["compression"] = {"kind": "onebit", "bucketSize": BUCKET, "serverToWorker": True}
-        self.shard = shard or make_shard(count=COUNT, steps=STEPS, workers=2, **spec)[0]
+        self.shard = (
+            shard or make_shard(count=COUNT, steps=STEPS, workers=2, trainable=trainable, **spec)[0]
+        )
         self.count, self.steps = self.shard.slice.count, self.shard.total_steps or STEPS
+        self.split = SliceSplit.of(self.shard.slice, trainable)
         self.send = PackingSend()
         self.shard.send = self.send
         self.rng = rng
@@ -123,8 +134,10 @@ class Rig:
         grad = grad.astype(np.float32)
         kw = dict(version=version, step=self.rng.randrange(self.steps), offset=0, count=self.count)
         if self.onebit:
-            enc = quantize(grad, BUCKET)
+            t = self.split.trainable
+            enc = quantize(grad[:t], BUCKET)
             frames = [enc.bits.tobytes(), enc.scales.tobytes()]
+            frames += [grad[t:].tobytes()] if self.split.buffers else []
             kw.update(dtype=DType.ONEBIT, compression=Compression.ONEBIT, bucket_size=BUCKET)
         else:
             cuts = sorted(self.rng.sample(range(1, self.count), self.rng.randrange(3)))
@@ -156,7 +169,7 @@ class Rig:
             pulls,
             dict(s.next_step),
             sorted(s.pending),
-            sorted(s.mirrors),
+            sorted(s.downlink.mirrors),
             workers,
             s.stats.samples,
             s.stats.metric_value,
@@ -220,17 +233,21 @@ def invalid_because(rig: Rig, wire: Wire, version_before: int, steps: int | None
     if len(frames) != h.nframes or sum(sizes) != h.nbytes:
         return f"frames {sizes} for {h.nframes} frames, {h.nbytes} bytes"
     if rig.onebit:
-        if (h.dtype, h.compression, h.bucket_size, h.nframes) != (
-            DType.ONEBIT,
-            Compression.ONEBIT,
-            BUCKET,
-            2,
-        ):
+        if (h.dtype, h.compression, h.bucket_size) != (DType.ONEBIT, Compression.ONEBIT, BUCKET):
             return f"1-bit push as {h.dtype.name}/{h.compression.name}/{h.bucket_size}"
+        # [bits, scales] of the trainable part, then the buffers' float32 (if the slice has any)
+        t, buffers = rig.split.trainable, rig.split.buffers
+        if len(frames) < 2 or (len(frames) > 2) != (buffers > 0):
+            return f"{len(frames)} frames for a slice with {buffers} buffer elements"
         try:
-            validate_payload(frames[0], frames[1], count=rig.count, bucket_size=BUCKET)
+            validate_payload(frames[0], frames[1], count=t, bucket_size=BUCKET)
         except CompressionError as err:
             return f"1-bit payload: {err}"
+        raw = frames[2:]
+        if any(not f or len(f) % 4 for f in raw) or sum(map(len, raw)) != 4 * buffers:
+            return f"buffer frames of {[len(f) for f in raw]} bytes for {buffers} elements"
+        if not np.isfinite(np.frombuffer(b"".join(raw), np.float32)).all():
+            return "non-finite buffer value"
         return None
     if h.dtype != DType.FLOAT32 or h.nbytes != 4 * h.count or any(s % 4 for s in sizes):
         return f"fp32 push of {sizes} as {h.dtype.name}"
@@ -244,6 +261,9 @@ RIGS = {
     "fp32 async zhang": dict(onebit=False, mode="async", staleness="zhang", maxStaleness=4),
     "1-bit sync": dict(onebit=True),
     "1-bit async serverToWorker": dict(onebit=True, mode="async"),
+    # The slice ends in 6 buffer elements (BatchNorm statistics): they travel as float32.
+    "1-bit sync with buffers": dict(onebit=True, trainable=COUNT - 6),
+    "1-bit async with buffers": dict(onebit=True, trainable=COUNT - 6, mode="async"),
 }
 
 

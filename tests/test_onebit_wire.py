@@ -1,4 +1,5 @@
-"""1-bit gradients on the wire: the shard's checks, and whole jobs in every mode."""
+"""1-bit gradients on the wire: the shard's checks, buffers as raw float32 next to the 1-bit
+trainable part (``sgdjob.onebit_wire``), and whole jobs in every mode."""
 
 from __future__ import annotations
 
@@ -6,13 +7,18 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 import zmq
 
-from sgdjob.compression import ErrorFeedback, quantize
-from sgdjob.protocol import Compression, DType, Header, Op
+from sgdjob.api.types import CompressionSpec
+from sgdjob.client import ShardClient
+from sgdjob.compression import ErrorFeedback, decode_into, quantize
+from sgdjob.onebit_wire import SliceSplit, push_frames
+from sgdjob.protocol import Compression, DType, ErrorCode, Flags, Header, Op
+from sgdjob.slicing import Slice
 from sgdjob.transport import Incoming
 from tests.conftest import job_doc
-from tests.test_shard import TOKEN, make_shard
+from tests.test_shard import TOKEN, make_shard, msg
 
 BUCKET = 8
 
@@ -46,10 +52,18 @@ def onebit_push(
     return Incoming(identity=b"w%d" % worker, header=h.pack(), frames=[zmq.Frame(b), zmq.Frame(s)])
 
 
-def onebit_shard(**training: Any) -> Any:
+def onebit_shard(
+    *,
+    trainable: int | None = None,
+    workers: int = 2,
+    server_to_worker: bool = False,
+    **training: Any,
+) -> Any:
     return make_shard(
         count=20,
-        compression={"kind": "onebit", "bucketSize": BUCKET},
+        workers=workers,
+        trainable=trainable,
+        compression={"kind": "onebit", "bucketSize": BUCKET, "serverToWorker": server_to_worker},
         training={"momentum": 0.0, "lr": 1.0, **training},
     )
 
@@ -62,8 +76,6 @@ def test_a_sync_step_decodes_every_push_into_one_accumulator() -> None:
     shard.handle(onebit_push(1, g1, 0))
     q = np.zeros(20, np.float32)
     for g in (g0, g1):
-        from sgdjob.compression import decode_into
-
         enc = quantize(g, BUCKET)
         decode_into(q, enc.bits, enc.scales, count=20, bucket_size=BUCKET)
     np.testing.assert_allclose(shard.params, 1.0 - q / 2, rtol=1e-6)
@@ -184,3 +196,165 @@ def test_onebit_works_in_every_mode_both_directions(run_job: Any, training: dict
     summary, _ = run_job(doc)
     assert summary["finalAccuracy"] > 0.8
     assert not summary["rejectedMessages"]
+
+
+# --- slices that end in buffers: trainable part 1-bit, buffers raw float32 ---------------------
+
+COUNT, TRAINABLE = 20, 14  # the slice's elements 14..19 are buffers (BatchNorm statistics)
+
+
+def wire_frames(grad: np.ndarray, trainable: int = TRAINABLE) -> list[bytes]:
+    """What a worker sends for a slice: its real encoder, without error feedback."""
+    ef = ErrorFeedback(trainable, BUCKET, enabled=False)
+    split = SliceSplit(count=grad.size, trainable=trainable)
+    frames, _ = push_frames(ef, torch.from_numpy(grad.copy()), split=split, chunk_bytes=1 << 20)
+    return [bytes(f) for f in frames]
+
+
+def frames_push(worker: int, frames: list[bytes], version: int = 0) -> Incoming:
+    h = Header(
+        op=Op.PUSH,
+        token=TOKEN,
+        worker=worker,
+        version=version,
+        step=version,
+        count=COUNT,
+        nbytes=sum(map(len, frames)),
+        nframes=len(frames),
+        dtype=DType.ONEBIT,
+        compression=Compression.ONEBIT,
+        bucket_size=BUCKET,
+    )
+    return msg(h, frames, ident=b"w%d" % worker)
+
+
+def decoded(grad: np.ndarray) -> np.ndarray:
+    """The 1-bit reconstruction of ``grad``."""
+    q = np.zeros(grad.size, np.float32)
+    enc = quantize(grad, BUCKET)
+    decode_into(q, enc.bits, enc.scales, count=grad.size, bucket_size=BUCKET)
+    return q
+
+
+G0 = np.linspace(-1, 1, COUNT, dtype=np.float32)
+G1 = (np.arange(COUNT, dtype=np.float32) - 7) / 3
+
+
+@pytest.mark.parametrize("trainable", [TRAINABLE, 0], ids=["some buffers", "only buffers"])
+def test_a_sync_onebit_step_decodes_the_trainable_part_and_averages_the_exact_buffers(
+    trainable: int,
+) -> None:
+    shard, _ = onebit_shard(trainable=trainable)
+    shard.handle(frames_push(0, wire_frames(G0, trainable)))
+    shard.handle(frames_push(1, wire_frames(G1, trainable)))
+    assert shard.version == 1 and not shard.stats.rejected
+    t = trainable
+    q = decoded(G0[:t]) + decoded(G1[:t])
+    np.testing.assert_allclose(shard.params[:t], 1.0 - q / 2, rtol=1e-6)
+    # Buffers: the mean of the workers' changes, with no learning rate, bit for bit.
+    mean = (G0[t:] + G1[t:]) * np.float32(0.5)
+    np.testing.assert_array_equal(shard.params[t:], np.float32(1.0) + mean)
+
+
+def test_an_async_onebit_push_adds_its_exact_buffer_change_at_once() -> None:
+    shard, _ = onebit_shard(trainable=TRAINABLE, mode="async")
+    shard.handle(frames_push(0, wire_frames(G0)))
+    assert shard.version == 1 and not shard.stats.rejected
+    np.testing.assert_allclose(shard.params[:TRAINABLE], 1.0 - decoded(G0[:TRAINABLE]), rtol=1e-6)
+    np.testing.assert_array_equal(shard.params[TRAINABLE:], np.float32(1.0) + G0[TRAINABLE:])
+
+
+GOOD_FRAMES = wire_frames(G0)
+RAW = GOOD_FRAMES[2]
+
+
+def with_raw(index: int, value: float) -> list[bytes]:
+    raw = np.frombuffer(RAW, np.float32).copy()
+    raw[index] = value
+    return [*GOOD_FRAMES[:2], raw.tobytes()]
+
+
+BAD_BUFFERS: dict[str, tuple[list[bytes], ErrorCode]] = {
+    "the buffer frame missing": (GOOD_FRAMES[:2], ErrorCode.BAD_PAYLOAD),
+    "the whole slice 1-bit, as protocol 1 sent it": (wire_frames(G0, COUNT), ErrorCode.BAD_PAYLOAD),
+    "the buffers an element short": ([*GOOD_FRAMES[:2], RAW[:-4]], ErrorCode.BAD_SIZE),
+    "the buffers an element long": ([*GOOD_FRAMES, bytes(4)], ErrorCode.BAD_SIZE),
+    "a frame splitting an element": ([*GOOD_FRAMES[:2], RAW[:6], RAW[6:]], ErrorCode.BAD_SIZE),
+    "an empty buffer frame": ([*GOOD_FRAMES, b""], ErrorCode.BAD_SIZE),
+    "NaN in the buffers": (with_raw(2, np.nan), ErrorCode.NOT_FINITE),
+    "infinity in the buffers": (with_raw(5, -np.inf), ErrorCode.NOT_FINITE),
+    "a NaN scale": (
+        [GOOD_FRAMES[0], np.array([[np.nan, 1.0]] * 2, np.float32).tobytes(), RAW],
+        ErrorCode.NOT_FINITE,
+    ),
+}
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("name", sorted(BAD_BUFFERS))
+def test_a_bad_buffer_payload_is_refused_with_its_reason_and_changes_nothing(
+    name: str, mode: str
+) -> None:
+    shard, sent = onebit_shard(trainable=TRAINABLE, mode=mode)
+    before, acc_before = shard.checksum(), shard._acc.copy()
+    frames, code = BAD_BUFFERS[name]
+    shard.handle(frames_push(0, frames))
+    assert dict(shard.stats.rejected) == {code.name: 1}
+    ((_, reply, _),) = sent.messages
+    assert reply.op == Op.ERROR and reply.error == code
+    assert shard.checksum() == before and shard.version == 0
+    np.testing.assert_array_equal(shard._acc, acc_before)
+    assert not shard.pending and not shard.partial.kept
+    # ... and the same worker's good push goes through afterwards.
+    shard.handle(frames_push(0, GOOD_FRAMES))
+    assert sum(shard.stats.rejected.values()) == 1
+
+
+def test_the_worker_keeps_error_feedback_for_the_trainable_part_and_sends_buffers_as_they_are() -> (
+    None
+):
+    grads = torch.from_numpy(G0.copy())
+    ef = ErrorFeedback(TRAINABLE, BUCKET)
+    split = SliceSplit.of(Slice(0, 0, COUNT), TRAINABLE)
+    frames, borrowed = push_frames(ef, grads, split=split, chunk_bytes=8)
+    # The buffers are views of the gradient (tracked sends), cut like every float32 vector.
+    assert borrowed and [f.nbytes for f in frames[2:]] == [8, 8, 8]
+    assert b"".join(bytes(f) for f in frames[2:]) == G0[TRAINABLE:].tobytes()
+    q = decoded(G0[:TRAINABLE])
+    np.testing.assert_allclose(ef.residual.numpy(), G0[:TRAINABLE] - q, atol=1e-6)
+    assert SliceSplit.of(Slice(1, 10, 10), TRAINABLE) == SliceSplit(count=10, trainable=4)
+    assert SliceSplit.of(Slice(2, 20, 10), TRAINABLE).trainable == 0
+    assert SliceSplit.of(Slice(0, 0, 10), None).buffers == 0
+
+
+def test_a_server_to_worker_update_gives_the_worker_the_shards_exact_buffers() -> None:
+    shard, sent = onebit_shard(trainable=TRAINABLE, workers=1, server_to_worker=True)
+    client = ShardClient(
+        ctx=zmq.Context.instance(),
+        addrs=(),
+        token=TOKEN,
+        worker=0,
+        timeout_s=1.0,
+        chunk_bytes=64,
+        compression=CompressionSpec.model_validate(
+            {"kind": "onebit", "bucketSize": BUCKET, "serverToWorker": True}
+        ),
+    )
+    client.slices, client.trainable = [Slice(0, 0, COUNT)], TRAINABLE
+    client.recon = shard.params.copy()  # the full answer to its first pull
+    shard.handle(msg(Header(op=Op.PULL, token=TOKEN, worker=0, step=1), ident=b"w0"))
+    assert not sent.messages[-1][1].flags & Flags.DELTA
+    params = np.full(COUNT, 9.0, np.float32)
+    for step in range(3):
+        shard.handle(frames_push(0, wire_frames(G0 * (step + 1)), version=step))
+        seq = step + 2
+        shard.handle(
+            msg(Header(op=Op.PULL, token=TOKEN, worker=0, version=step + 1, step=seq), ident=b"w0")
+        )
+        _, h, frames = sent.messages[-1]
+        # [bits, scales], then 6 buffer values in this shard's 8-byte frames
+        assert h.flags & Flags.DELTA and h.count == COUNT and h.nframes == 2 + 3
+        client._apply_delta(0, h, Incoming(None, h.pack(), [zmq.Frame(f) for f in frames]), params)
+        np.testing.assert_array_equal(params[TRAINABLE:], shard.params[TRAINABLE:])
+        np.testing.assert_array_equal(params[:TRAINABLE], shard.downlink.mirrors[0].mirror)
+    assert not shard.stats.rejected

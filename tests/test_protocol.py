@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from sgdjob.protocol import (
     HEADER,
     HEADER_SIZE,
+    PROTOCOL_VERSION,
     DType,
     ErrorCode,
     Header,
@@ -132,7 +133,7 @@ def test_random_bytes_never_parse_as_a_header_of_this_job(data: bytes) -> None:
 def test_random_header_sized_bytes_raise_only_protocol_errors(data: bytes) -> None:
     # Keep the magic, version and token right so the deeper checks are exercised too.
     fields = list(HEADER.unpack(data))
-    fields[0], fields[1], fields[7] = b"SGDJ", 1, TOKEN
+    fields[0], fields[1], fields[7] = b"SGDJ", PROTOCOL_VERSION, TOKEN
     with contextlib.suppress(ProtocolError):
         parse_header(HEADER.pack(*fields), token=TOKEN)
 

@@ -44,7 +44,11 @@ class Sent:
         self.messages.append((identity, header, [bytes(p) for p in payload]))
 
 
-def make_shard(count: int = 6, steps: int = 3, workers: int = 2, **spec: Any) -> tuple[Shard, Sent]:
+def make_shard(
+    count: int = 6, steps: int = 3, workers: int = 2, trainable: int | None = None, **spec: Any
+) -> tuple[Shard, Sent]:
+    """A shard of one ``count``-element slice (``trainable`` of them; the rest are buffers),
+    after every worker's HELLO."""
     doc = job_doc(workers={"replicas": workers}, **spec)
     job = parse_job(doc)
     sent = Sent()
@@ -59,6 +63,7 @@ def make_shard(count: int = 6, steps: int = 3, workers: int = 2, **spec: Any) ->
         stats=ShardStats(shard=0, workers=n, mode=job.spec.training.mode),
         incarnation=7,
         chunk_bytes=8,
+        trainable=trainable,
     )
     for w in range(n):
         shard.handle(
@@ -271,7 +276,7 @@ def test_a_re_sent_pull_already_answered_with_an_update_gets_the_same_bytes_once
         count=16,
         bucket_size=8,
     )
-    np.testing.assert_array_equal(shard.mirrors[0].mirror, held)
+    np.testing.assert_array_equal(shard.downlink.mirrors[0].mirror, held)
 
 
 def test_the_final_pull_is_answered_only_when_training_is_over() -> None:

@@ -265,17 +265,32 @@ def test_mixed_precision_trains_with_float32_on_the_wire_and_the_shards(
     assert all(v.dtype in (torch.float32, torch.int64) for v in saved(out).values())
 
 
-def test_a_batchnorm_model_trains_with_1_bit_gradients_keeping_its_own_statistics(
-    run_job: Any,
+@pytest.mark.parametrize(
+    "compression",
+    [{"kind": "onebit"}, {"kind": "onebit", "serverToWorker": True, "bucketSize": 64}],
+    ids=["1-bit pushes", "1-bit both ways"],
+)
+def test_a_batchnorm_model_with_1_bit_gradients_ends_with_the_same_buffers_on_every_worker(
+    run_job: Any, compression: dict[str, Any]
 ) -> None:
+    # Two shards: slice 0 holds parameters only ([bits, scales]), slice 1 ends in the
+    # BatchNorm buffers (their float32 frames follow the 1-bit part: sgdjob.onebit_wire).
     doc = user_job(
         "onebit-bn",
         workers={"replicas": 2},
-        compression={"kind": "onebit"},
+        parameterServers={"shards": 2},
+        compression=compression,
         training={"maxSteps": 40},
     )
     summary, out = run_job(doc)
     assert summary["finalAccuracy"] >= 0.9
+    assert not summary["rejectedMessages"]
     state = saved(out)
     assert all(bool(torch.isfinite(v.float()).all()) for v in state.values())
     assert float(state["features.1.running_var"].min()) > 0.0
+    assert float(state["features.5.running_var"].min()) > 0.0
+    # The shards averaged one count per step from each worker: the batches of all of them.
+    assert int(state["features.1.num_batches_tracked"]) == 40
+    # Every worker ends holding exactly what model.pt holds, buffers included.
+    digests = [final_digest(out / "logs" / f"worker-{i}.log") for i in range(2)]
+    assert digests == [state_digest(state)] * 2

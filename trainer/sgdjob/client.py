@@ -6,6 +6,10 @@ as soon as its shard answers. Received parameter frames are copied exactly once,
 caller's flat host buffer; outgoing gradient slices are zero-copy views whose trackers are
 awaited before the caller may overwrite the buffer (``wait_sent``). ``push_range`` sends one
 bucket of the gradient (the part of it in each shard's slice) while backward still runs.
+
+In a 1-bit job each slice travels as ``sgdjob.onebit_wire`` lays it out: the trainable part
+1-bit with this worker's error feedback, the buffers (BatchNorm statistics) raw float32, both
+in a push and in a serverToWorker update.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import torch
 import zmq
 
 from sgdjob.api.types import CompressionSpec
-from sgdjob.compression import CompressionError, ErrorFeedback, decode_into
+from sgdjob.compression import ErrorFeedback
+from sgdjob.onebit_wire import SliceSplit, apply_update, push_frames, validate
 from sgdjob.protocol import (
     Compression,
     DType,
@@ -94,7 +99,8 @@ class ShardClient:
         self.error_feedback = comp.error_feedback
         self.server_to_worker = self.onebit and comp.server_to_worker
         self.ef_device = ef_device
-        self.efs: list[ErrorFeedback] = []  # one residual per shard slice (1-bit only)
+        self.efs: list[ErrorFeedback] = []  # one residual per slice's trainable part (1-bit)
+        self.trainable: int | None = None  # trainable elements of the vector (None: all)
         self.recon: np.ndarray | None = None  # serverToWorker: what the shards think we hold
         self.token = token
         self.worker = worker
@@ -163,9 +169,12 @@ class ShardClient:
                 continue  # a late answer to a request we already gave up on or re-sent
             return h, msg
 
-    def hello(self, total_size: int, *, total_steps: int) -> Welcome:
-        """Register with every shard; they learn the model size and the steps per worker."""
+    def hello(self, total_size: int, *, total_steps: int, trainable: int | None = None) -> Welcome:
+        """Register with every shard; they learn the model size and the steps per worker.
+        ``trainable``: how many leading elements are trainable, the rest are buffers (the
+        shards derive the same from the model; None: every element is trainable)."""
         self.total_size, self.total_steps = total_size, total_steps
+        self.trainable = trainable
         for k in range(len(self.endpoints)):
             self._send_hello(k)
         slices, incs, versions, steps = [], [], [], []
@@ -182,7 +191,10 @@ class ShardClient:
         if self.onebit:
             self.efs = [
                 ErrorFeedback(
-                    s.count, self.bucket_size, enabled=self.error_feedback, device=self.ef_device
+                    self.split(s).trainable,
+                    self.bucket_size,
+                    enabled=self.error_feedback,
+                    device=self.ef_device,
                 )
                 for s in slices
             ]
@@ -194,6 +206,10 @@ class ShardClient:
         return Welcome(
             slice=slices[0], version=min(versions), incarnation=incs[0], resume_step=min(steps)
         )
+
+    def split(self, s: Slice) -> SliceSplit:
+        """How a slice travels in a 1-bit job: trainable part 1-bit, buffers raw."""
+        return SliceSplit.of(s, self.trainable)
 
     def _send_hello(self, k: int) -> None:
         self.endpoints[k].send(
@@ -217,8 +233,9 @@ class ShardClient:
         """Send each shard its slice of ``grads`` computed on that shard's ``versions[k]``.
 
         float32: zero-copy, so ``grads`` must not be written until ``wait_sent`` (called by
-        the next push). 1-bit: each slice is quantised with this worker's error feedback (on
-        the device ``grads`` lives on) and only the packed bits and scales travel.
+        the next push). 1-bit: each slice's trainable part is quantised with this worker's
+        error feedback (on the device ``grads`` lives on) and only the packed bits and scales
+        travel, then the slice's buffer changes as float32 (zero-copy from host memory).
         """
         self.wait_sent()
         for k, (ep, s, version) in enumerate(
@@ -226,23 +243,25 @@ class ShardClient:
         ):
             part = grads[s.offset : s.end]
             if self.onebit:
-                enc = self.efs[k].encode(part)
-                ep.send(
-                    self._header(
-                        Op.PUSH,
-                        k,
-                        version=version,
-                        step=step,
-                        offset=s.offset,
-                        count=s.count,
-                        nbytes=enc.nbytes,
-                        nframes=2,
-                        dtype=DType.ONEBIT,
-                        compression=Compression.ONEBIT,
-                        bucket_size=self.bucket_size,
-                    ),
-                    [enc.bits.data, enc.scales.data],
+                frames, borrowed = push_frames(
+                    self.efs[k], part, split=self.split(s), chunk_bytes=self.chunk_bytes
                 )
+                h = self._header(
+                    Op.PUSH,
+                    k,
+                    version=version,
+                    step=step,
+                    offset=s.offset,
+                    count=s.count,
+                    nbytes=sum(f.nbytes for f in frames),
+                    nframes=len(frames),
+                    dtype=DType.ONEBIT,
+                    compression=Compression.ONEBIT,
+                    bucket_size=self.bucket_size,
+                )
+                tracker = ep.send(h, frames, track=borrowed)
+                if tracker is not None:
+                    self.trackers.append(tracker)
                 continue
             assert isinstance(part, np.ndarray), "float32 pushes come from host memory"
             self._push_float(k, part, s.offset, version=version, step=step)
@@ -390,24 +409,21 @@ class ShardClient:
         return h
 
     def _apply_delta(self, k: int, h: Header, msg: Incoming, params: np.ndarray) -> None:
-        """serverToWorker: add the shard's 1-bit update to what we hold, then to ``params``."""
+        """serverToWorker: add the shard's 1-bit update to what we hold and take its buffer
+        values (``sgdjob.onebit_wire``), then copy the slice to ``params``."""
         s = self.slices[k]
         if self.recon is None or h.dtype != DType.ONEBIT or h.bucket_size != self.bucket_size:
             raise ProtocolError(ErrorCode.BAD_DTYPE, f"shard {k} sent an unexpected update")
         check_frames(h, msg.frame_sizes())
-        if h.nframes != 2:
-            raise ProtocolError(ErrorCode.BAD_PAYLOAD, "a 1-bit update is [bits, scales]")
-        view = self.recon[s.offset : s.end]
+        split = self.split(s)
         try:
-            decode_into(
-                view,
-                msg.frames[0].buffer,
-                msg.frames[1].buffer,
-                count=s.count,
-                bucket_size=self.bucket_size,
+            payload = validate(
+                [f.buffer for f in msg.frames], split=split, bucket_size=self.bucket_size
             )
-        except CompressionError as err:
-            raise ProtocolError(ErrorCode.BAD_PAYLOAD, f"shard {k}: {err}") from None
+        except ProtocolError as err:
+            raise ProtocolError(err.code, f"shard {k}: {err}") from None
+        view = self.recon[s.offset : s.end]
+        apply_update(view, payload, split=split, bucket_size=self.bucket_size)
         params[s.offset : s.end] = view
 
     def report(self, report: Report) -> None:

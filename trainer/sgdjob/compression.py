@@ -35,7 +35,8 @@ With ``bucket_size = 512`` that is 1 bit per element plus 64 bits per 512 elemen
 of the float32 size (``wire_nbytes``).
 
 The same codec serves both directions: a worker encodes gradient slices with one
-``ErrorFeedback`` per shard slice; a shard encodes the parameter update it sends back with one
+``ErrorFeedback`` per shard slice (its trainable part: buffers travel as float32 next to the
+encoded part, ``sgdjob.onebit_wire``); a shard encodes the parameter update it sends back with one
 state per destination worker: ``ErrorFeedback`` over the delta since that worker's last pull,
 or (one copy cheaper, and exact) ``sgdjob.mirror.ParameterMirror``.
 """

@@ -16,8 +16,10 @@ Ops:
                             resume from (``step``), total vector size (``aux``)
   PUSH    worker -> shard   gradient computed on parameters ``version`` at worker ``step``,
                             for [offset, offset + count): the whole slice or a part of it
+                            (1-bit: the whole slice, laid out by ``sgdjob.onebit_wire``)
   PULL    worker -> shard   ask for parameters of version >= ``version``; reply PARAMS
-  PARAMS  shard -> worker   the shard's parameter slice at ``version``; flag FINISHED at the end
+  PARAMS  shard -> worker   the shard's parameter slice at ``version``; flag FINISHED at the end;
+                            flag DELTA: a 1-bit update laid out as a 1-bit PUSH
   REPORT  worker -> shard 0 a ``Report`` payload (loss, step time, bytes, evaluation)
   DONE    worker -> shard   the worker finished; the shard may exit when all have
   ERROR   shard -> worker   ``error`` holds the ErrorCode of a rejected request
@@ -33,7 +35,9 @@ from dataclasses import dataclass, field
 from enum import IntEnum, IntFlag
 
 MAGIC = b"SGDJ"
-PROTOCOL_VERSION = 1
+# 2: in 1-bit jobs the buffer elements of a slice travel as raw float32 frames after the
+# 1-bit frames (sgdjob.onebit_wire); a version-1 peer would refuse or mis-size those messages.
+PROTOCOL_VERSION = 2
 TOKEN_BYTES = 16
 MAX_FRAME_BYTES = 16 << 20  # frames are cut to 1..16 MiB; anything larger is foreign
 MAX_FRAMES = 1 << 16

@@ -16,13 +16,14 @@ Modes (``spec.training.mode``):
   tau = version now - version the gradient was computed on; gradients with tau above
   ``maxStaleness`` are dropped and counted. Pulls are answered at once.
 
-With ``compression.kind: onebit`` a push is [packed sign bits, (mu-, mu+) per bucket]; it is
-validated whole on arrival, then decoded straight into the one float32 accumulator (sync: at
-close, in worker order, from the kept 1/32-size frames; async: at once), never into a
-per-worker full-size copy. With
-``serverToWorker`` a pull is answered with the 1-bit update towards the parameters relative
-to what that worker holds (``sgdjob.mirror``); a worker's first pull after hello, and the
-final pull, get full float32 parameters.
+With ``compression.kind: onebit`` a push is [packed sign bits, (mu-, mu+) per bucket] of the
+slice's trainable part, then its buffers as raw float32 (``sgdjob.onebit_wire``); it is
+validated whole on arrival, then decoded straight into the one float32 accumulator (sync: in
+worker order, from the kept 1/32-size frames; async: at once), never into a per-worker
+full-size copy. The buffers' part then follows the same rule as in a float32 job
+(``sgdjob.optim``). With ``serverToWorker`` a pull is answered with the 1-bit update of the
+trainable part and the buffers' values (``sgdjob.downlink``); a worker's first pull after
+hello, and the final pull, get full float32 parameters.
 
 Nothing from a rejected message ever reaches the parameters: every check runs before any
 write, and non-finite gradients are rejected.
@@ -40,12 +41,10 @@ import zmq
 
 from sgdjob.api.types import SGDJobSpec
 from sgdjob.checkpoint import ShardState
-from sgdjob.compression import decode_into
-from sgdjob.mirror import ParameterMirror
+from sgdjob.downlink import Downlink
+from sgdjob.onebit_wire import SliceSplit, add_gradient
 from sgdjob.optim import SliceOptimizer
 from sgdjob.protocol import (
-    Compression,
-    DType,
     ErrorCode,
     Flags,
     Header,
@@ -60,7 +59,7 @@ from sgdjob.slicing import Slice
 from sgdjob.staleness import StalenessRule
 from sgdjob.stats import ShardStats
 from sgdjob.syncstep import Part, PartialPushes, PendingStep, float_push, onebit_push
-from sgdjob.transport import Incoming, vector_frames
+from sgdjob.transport import Incoming
 
 log = logging.getLogger("sgdjob.shard")
 
@@ -115,16 +114,19 @@ class Shard:
         self.n_workers = spec.workers.replicas + t.backup_workers
         self.max_staleness = t.max_staleness
         # Elements past `trainable` (of the whole vector) are buffers: see sgdjob.models.flat.
-        local = slice_.count if trainable is None else trainable - slice_.offset
-        self.opt = SliceOptimizer(self.params, trainable=local, spec=t)
+        split = SliceSplit.of(slice_, trainable)
+        self.opt = SliceOptimizer(self.params, trainable=split.trainable, spec=t)
         self.schedule = Schedule(t.lr, t.schedule)
         self.rule = StalenessRule(t.staleness, count=slice_.count, odena_scale=t.odena_scale)
         self.version = 0
         self._acc = np.empty(slice_.count, dtype=np.float32)
         # sync: the parts kept for `version`, summed into _acc as they come (sgdjob.syncstep)
+        self.onebit = comp.kind == "onebit"
+        # 1-bit jobs: the trainable part of the slice travels 1-bit, the buffers raw.
+        self.split = split if self.onebit else None
         self.pending = PendingStep(
             self._acc,
-            onebit=comp.kind == "onebit",
+            split=self.split,
             bucket_size=comp.bucket_size,
             eager=t.backup_workers == 0,
         )
@@ -134,16 +136,15 @@ class Shard:
         self.exited: set[int] = set()  # workers that sent DONE or that the executor saw succeed
         self.next_step: dict[int, int] = {}  # worker -> step after its last push
         self.trackers: list[zmq.MessageTracker] = []
-        self.onebit = comp.kind == "onebit"
         self.bucket_size = comp.bucket_size
-        self.server_to_worker = self.onebit and comp.server_to_worker
-        self.mirrors: dict[int, ParameterMirror] = {}  # worker -> what it holds (serverToWorker)
+        self.downlink = Downlink(
+            self.params,
+            split=split if self.onebit and comp.server_to_worker else None,
+            bucket_size=comp.bucket_size,
+            chunk_bytes=chunk_bytes,
+        )
         self.greeted: set[int] = set()  # workers that said hello to this process
         self.last_pull_seq: dict[int, int] = {}
-        # serverToWorker: the request number each worker was last answered, and that answer
-        # if it was an update (header and bytes), so a re-sent request gets the same bytes.
-        self.answered: dict[int, int] = {}
-        self.last_update: dict[int, tuple[Header, list[bytes]]] = {}
         self.restored_from: int | None = None  # version of the checkpoint this process loaded
         stats.incarnation = incarnation
 
@@ -302,9 +303,7 @@ class Shard:
         self.greeted.add(h.worker)
         self.done.discard(h.worker)  # a restarted worker is back in the game
         self.exited.discard(h.worker)
-        self.mirrors.pop(h.worker, None)  # ... and holds no parameters: next pull is full
-        self.answered.pop(h.worker, None)
-        self.last_update.pop(h.worker, None)
+        self.downlink.forget(h.worker)  # ... and holds no parameters: next pull is full
         self.stats.record_hello(h.worker)
         # A worker never resumes past its last step (h.step, the job's step count by now): the
         # WELCOME's u64 step field must hold it even after a push that claimed step 2**64 - 1.
@@ -328,9 +327,10 @@ class Shard:
         )
 
     def _push(self, h: Header, msg: Incoming) -> None:
-        if self.onebit:
-            onebit = onebit_push(h, msg, self.slice, self.bucket_size)
-            part = Part(0, self.slice.count, list(msg.frames))
+        if self.split is not None:
+            part = onebit_push(
+                h, msg, slice_=self.slice, split=self.split, bucket_size=self.bucket_size
+            )
         else:
             part = float_push(h, msg, self.slice)
         if h.version > self.version:
@@ -367,9 +367,10 @@ class Shard:
             self.stats.record_drop(h.worker)
             return
         self.flush_sends()
-        if self.onebit:
-            self._acc.fill(0.0)
-            decode_into(self._acc, *onebit, count=self.slice.count, bucket_size=self.bucket_size)
+        if self.split is not None and part.onebit is not None:  # one part: the whole slice
+            add_gradient(
+                self._acc, part.onebit, split=self.split, bucket_size=self.bucket_size, first=True
+            )
         else:  # the optimizer steps the whole slice at once: gather the frames
             for p in parts:
                 for start, grad in p.views:
@@ -431,13 +432,10 @@ class Shard:
         if self.last_pull_seq.get(h.worker) != h.step:  # a re-sent request is not a new pull
             self.last_pull_seq[h.worker] = h.step
             self.stats.record_pull(h.worker)
-        if self.server_to_worker and self.answered.get(h.worker) == h.step:
-            # Answered already: encoding again would advance the mirror a second time while
-            # the worker applies one answer. Send the same update again, or (after a full
-            # answer, which set the mirror to the parameters of then) nothing.
-            cached = self.last_update.get(h.worker)
-            if cached is not None:
-                self.send(cached[0], cached[1], identity=identity)
+        again = self.downlink.repeat(h.worker, h.step)
+        if again is not None:  # answered already (serverToWorker): the same bytes, if any
+            for r in again:
+                self.send(r.header, r.frames, identity=identity)
             return
         self.pulls.append(PendingPull(identity, h.worker, h.version, final, h.step))
         self._serve_pulls()
@@ -467,49 +465,20 @@ class Shard:
         self.pulls = waiting
 
     def _send_params(self, p: PendingPull) -> None:
-        def header(**payload: Any) -> Header:
-            # Fields every PARAMS reply shares; the payload decides dtype, sizes and flags.
-            return Header(
-                op=Op.PARAMS,
-                token=self.token,
-                worker=p.worker,
-                shard=self.slice.shard,
-                incarnation=self.incarnation,
-                version=self.version,
-                step=p.seq,
-                offset=self.slice.offset,
-                count=self.slice.count,
-                **payload,
-            )
-
-        flags = Flags.FINISHED if self.finished else Flags.NONE
-        mirror = self.mirrors.get(p.worker)
-        if self.server_to_worker and mirror is not None and not p.final:
-            # The worker holds `mirror`: send the 1-bit update towards the parameters.
-            enc = mirror.encode_update(self.params)
-            h = header(
-                nbytes=enc.nbytes,
-                nframes=2,
-                dtype=DType.ONEBIT,
-                compression=Compression.ONEBIT,
-                bucket_size=self.bucket_size,
-                flags=flags | Flags.DELTA,
-            )
-            frames_ = [enc.bits.tobytes(), enc.scales.tobytes()]  # 1/32 of the slice
-            self.answered[p.worker] = p.seq
-            self.last_update[p.worker] = (h, frames_)
-            self.send(h, frames_, identity=p.identity)
-            return
-        if self.server_to_worker:
-            self.answered[p.worker] = p.seq
-            self.last_update.pop(p.worker, None)
-            if mirror is None:
-                self.mirrors[p.worker] = ParameterMirror(self.params, self.bucket_size)
-            else:
-                mirror.reset(self.params)
-        frames: Sequence[memoryview] = vector_frames(self.params, self.chunk_bytes)
-        h = header(nbytes=self.params.nbytes, nframes=len(frames), dtype=DType.FLOAT32, flags=flags)
-        tracker = self.send(h, frames, identity=p.identity, track=True)
+        base = Header(
+            op=Op.PARAMS,
+            token=self.token,
+            worker=p.worker,
+            shard=self.slice.shard,
+            incarnation=self.incarnation,
+            version=self.version,
+            step=p.seq,
+            offset=self.slice.offset,
+            count=self.slice.count,
+            flags=Flags.FINISHED if self.finished else Flags.NONE,
+        )
+        r = self.downlink.answer(base, final=p.final)
+        tracker = self.send(r.header, r.frames, identity=p.identity, track=r.track)
         if tracker is not None:
             self.trackers.append(tracker)
 

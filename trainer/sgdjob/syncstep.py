@@ -5,11 +5,12 @@ backward pass (``spec.training.bucketMB``), as several parts: disjoint sub-range
 together cover the slice. ``Coverage`` checks a part against what that worker already sent
 for the step (exactly the same range again is a re-send, kept once; a partial overlap is
 refused). ``PendingStep`` is sync mode's open step: it keeps each part as received
-(zero-copy frames; 1-bit frames are 1/32 of the slice) and sums it into the shard's
-accumulator as soon as it is that range's turn, in worker order, so the shard adds while the
-workers still compute and a fixed-seed run stays bit-for-bit reproducible: every element is
-``g[w0] + g[w1] + ...`` over the step's contributors in ascending worker order, whatever
-order the parts arrived in. ``sgdjob.shard`` decides when a step closes and applies it.
+(zero-copy frames; 1-bit frames are 1/32 of the slice's trainable part, plus its buffers as
+float32) and sums it into the shard's accumulator as soon as it is that range's turn, in
+worker order, so the shard adds while the workers still compute and a fixed-seed run stays
+bit-for-bit reproducible: every element is ``g[w0] + g[w1] + ...`` over the step's
+contributors in ascending worker order, whatever order the parts arrived in.
+``sgdjob.shard`` decides when a step closes and applies it.
 
 With backup workers, which workers contribute is known only at close (the first ``replicas``
 to cover their slice), so the parts are summed then; without, every worker that pushes for
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import zmq
 
-from sgdjob.compression import CompressionError, decode_into, validate_payload
+from sgdjob.onebit_wire import OnebitPayload, SliceSplit, add_gradient, validate
 from sgdjob.protocol import (
     Compression,
     DType,
@@ -76,8 +77,9 @@ class Part:
     start: int
     end: int
     frames: list[zmq.Frame]
-    # float32: (slice-local start, view) of every frame, no copy
+    # float32: (slice-local start, view) of every frame, no copy; 1-bit: of the raw buffers
     views: list[tuple[int, np.ndarray]] = field(default_factory=list)
+    onebit: OnebitPayload | None = None  # 1-bit: the validated views of the frames
 
 
 def float_part(start: int, frames: list[zmq.Frame]) -> Part:
@@ -103,9 +105,10 @@ def float_push(h: Header, msg: Incoming, slice_: Slice) -> Part:
 
 
 def onebit_push(
-    h: Header, msg: Incoming, slice_: Slice, bucket_size: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Validate a 1-bit push of the whole slice: [packed bits, (mu-, mu+) scales]."""
+    h: Header, msg: Incoming, *, slice_: Slice, split: SliceSplit, bucket_size: int
+) -> Part:
+    """Validate a 1-bit push of the whole slice (layout: ``sgdjob.onebit_wire``); the part
+    keeps the frames and their validated views."""
     if h.dtype != DType.ONEBIT or h.compression != Compression.ONEBIT:
         raise ProtocolError(ErrorCode.BAD_DTYPE, "this job's gradients are 1-bit")
     if h.offset != slice_.offset or h.count != slice_.count:
@@ -115,15 +118,8 @@ def onebit_push(
             ErrorCode.BAD_PAYLOAD, f"bucket size {h.bucket_size}, job uses {bucket_size}"
         )
     check_frames(h, msg.frame_sizes())
-    if h.nframes != 2:
-        raise ProtocolError(ErrorCode.BAD_PAYLOAD, "a 1-bit push is [bits, scales]")
-    try:
-        return validate_payload(
-            msg.frames[0].buffer, msg.frames[1].buffer, count=h.count, bucket_size=bucket_size
-        )
-    except CompressionError as err:
-        code = ErrorCode.NOT_FINITE if "finite" in str(err) else ErrorCode.BAD_PAYLOAD
-        raise ProtocolError(code, str(err)) from None
+    payload = validate([f.buffer for f in msg.frames], split=split, bucket_size=bucket_size)
+    return Part(0, slice_.count, list(msg.frames), payload.raw, payload)
 
 
 class PartialPushes:
@@ -171,10 +167,13 @@ class _Segment:
 class PendingStep:
     """The open sync step: parts by worker, and the running sum in ``acc``."""
 
-    def __init__(self, acc: np.ndarray, *, onebit: bool, bucket_size: int, eager: bool) -> None:
+    def __init__(
+        self, acc: np.ndarray, *, split: SliceSplit | None, bucket_size: int, eager: bool
+    ) -> None:
+        """``split``: how the slice's 1-bit pushes are laid out; None in a float32 job."""
         self.acc = acc
         self.count = acc.shape[0]
-        self.onebit = onebit
+        self.split = split
         self.bucket_size = bucket_size
         self.eager = eager
         self.parts: dict[int, list[Part]] = {}
@@ -252,15 +251,13 @@ class PendingStep:
             self.segments = _merge(out)
 
     def _fold(self, part: Part, a: int, b: int, *, first: bool) -> None:
-        if self.onebit:
+        if self.split is not None:
             # 1-bit parts are whole slices (their quantisation buckets span the slice).
-            if (a, b) != (0, self.count) or (part.start, part.end) != (0, self.count):
+            whole = (a, b) == (0, self.count) and (part.start, part.end) == (0, self.count)
+            if not whole or part.onebit is None:
                 raise RuntimeError("a 1-bit part must cover the whole slice")
-            if first:
-                self.acc.fill(0.0)
-            bits, scales = part.frames
-            decode_into(
-                self.acc, bits.buffer, scales.buffer, count=self.count, bucket_size=self.bucket_size
+            add_gradient(
+                self.acc, part.onebit, split=self.split, bucket_size=self.bucket_size, first=first
             )
             return
         for at, view in part.views:

@@ -140,7 +140,7 @@ def run_worker(
         seed=t.seed,
     )
     onebit = spec.compression.kind == "onebit"
-    flat = FlatModel(model, device, sync_buffers=not onebit)  # see sgdjob.models.flat
+    flat = FlatModel(model, device)  # buffers are averaged by the shards: sgdjob.models.flat
     host = HostBuffers(flat)
     precision = Precision(t.precision, device)
     schedule = Schedule(t.lr, t.schedule)
@@ -191,7 +191,7 @@ def run_worker(
         flat.zero_grad()
 
     try:
-        welcome = client.hello(flat.size, total_steps=steps)
+        welcome = client.hello(flat.size, total_steps=steps, trainable=flat.trainable)
         step = welcome.resume_step
         log.info(
             "worker %d: %d parameters, %d steps, resuming at %d on %s",

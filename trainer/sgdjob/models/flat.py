@@ -19,10 +19,10 @@ values. Averaging was chosen over "take worker 0's" because it uses every worker
 and needs no special role: a lost worker 0 loses nothing, and async modes work unchanged.
 Integer buffers travel as float32 (exact up to 2**24) and are rounded back.
 
-With 1-bit compression (``sync_buffers=False``) buffers are not averaged: sign quantisation of
-their changes can drive a running variance below zero, which BatchNorm turns into NaN. Each
-worker then keeps its own statistics (it pushes no change and loads none), and ``model.pt``
-carries worker 0's.
+The rule is the same with 1-bit compression: there only the trainable elements are
+sign-quantised, and the buffer range travels as float32 both ways (``sgdjob.onebit_wire``),
+since a quantised change could drive a running variance below zero (BatchNorm then yields NaN)
+and error feedback has no business in statistics the workers must load exactly.
 """
 
 from __future__ import annotations
@@ -34,8 +34,7 @@ from torch import nn
 class FlatModel:
     """A model whose parameters, gradients and buffers live in two flat float32 vectors."""
 
-    def __init__(self, model: nn.Module, device: torch.device, *, sync_buffers: bool = True):
-        self.sync_buffers = sync_buffers
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
         self.model = model.to(device=device)
         for p in self.model.parameters():  # float32 master weights; autocast does the rest
             p.data = p.data.float()
@@ -79,8 +78,6 @@ class FlatModel:
 
     def load_buffers(self) -> None:
         """Set the module's buffers to the values in the parameter vector (after a pull)."""
-        if not self.sync_buffers:
-            return
         with torch.no_grad():
             for b, (off, n) in zip(self.buffers, self._buffer_ranges, strict=True):
                 src = self.params[off : off + n].view_as(b)
@@ -88,9 +85,6 @@ class FlatModel:
 
     def buffer_deltas(self) -> None:
         """Write (own buffers - pulled buffers) into the buffer range of the gradient."""
-        if not self.sync_buffers:
-            self.grads[self.trainable :].zero_()
-            return
         with torch.no_grad():
             for b, (off, n) in zip(self.buffers, self._buffer_ranges, strict=True):
                 torch.sub(
