@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from tests.conftest import job_doc
 
 
@@ -36,8 +38,17 @@ def test_a_straggler_is_outrun_by_one_backup_worker_and_its_gradients_dropped(
     assert summary["finalAccuracy"] > 0.85
 
 
+# Two 250-step jobs of 7 processes each: on a loaded machine (a make test beside stress and
+# other suites, load 4) they took longer than the default 300 s.
+@pytest.mark.timeout(900)
 def test_async_with_four_workers_ends_within_two_points_of_sync(run_job: Any) -> None:
-    common = {"workers": {"replicas": 4}, "parameterServers": {"shards": 2}}
+    # No straggler replacement: this compares the two modes' accuracy, and under load the
+    # policy replaced a worker whose 3 ms step was over 3 x the median (a restart mid-run).
+    common = {
+        "workers": {"replicas": 4},
+        "parameterServers": {"shards": 2},
+        "supervision": {"straggler": {"maxReplacements": 0}},
+    }
     sync, _ = run_job(job_doc("sync4", training={"maxSteps": 250}, **common), subdir="s")
     asyn, _ = run_job(
         job_doc(
