@@ -34,7 +34,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from bench.ddp import RESULT_PREFIX, run_ranks
+from bench.ddp import RESULT_PREFIX, leave_finished_rank, run_ranks
 from bench.ddp_hooks import HOOKS, validate_hook, wrap
 
 
@@ -186,6 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--master-addr", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     _rank_main(parser.parse_args(argv))
+    leave_finished_rank()
 
 
 if __name__ == "__main__":
