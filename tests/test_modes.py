@@ -24,6 +24,10 @@ def test_a_straggler_is_outrun_by_one_backup_worker_and_its_gradients_dropped(
         parameterServers={"shards": 2},
         training={"maxSteps": steps, "backupWorkers": 1},
         debug={"slowWorkers": {2: 250}},
+        # The backup worker alone must outrun the straggler: the policy's straggler
+        # replacement (tested in test_local_supervision) restarted it mid-run under load,
+        # and the job could end before the new process pushed late.
+        supervision={"straggler": {"maxReplacements": 0}},
     )
     summary, _ = run_job(doc)
     assert summary["version"] == steps
