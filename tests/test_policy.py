@@ -317,6 +317,22 @@ def test_a_straggler_is_replaced_after_w_slow_windows_within_its_budget(
         assert d.counters.replicas["worker-1"].restarts == 0
 
 
+def test_a_worker_a_few_milliseconds_behind_a_tiny_median_is_no_straggler() -> None:
+    # 3 ms against a 0.6 ms median is 5x, but only 2.4 ms behind: under the 10 ms floor.
+    counters = seen(workers=3, slow_windows=2).model_copy(update={"last_window": 10})
+    tiny = Progress(step=11, step_times={0: 0.0006, 1: 0.003, 2: 0.0006})
+    assert kinds(run(all_running(workers=3), counters, tiny, workers=3)) == []
+    assert (
+        run(all_running(workers=3), counters, tiny, workers=3)
+        .counters.replicas["worker-1"]
+        .slow_windows
+        == 0
+    )
+    # With the floor off, k x median alone decides, as before the floor existed.
+    d = run(all_running(workers=3), counters, tiny, workers=3, straggler={"minLagSeconds": 0})
+    assert kinds(d) == ["Recreate"]
+
+
 def test_the_same_coordinator_window_is_counted_once() -> None:
     counters = seen(workers=3).model_copy(update={"last_window": 11})
     d = run(all_running(workers=3), counters, slow_progress(11), workers=3)

@@ -240,8 +240,11 @@ def _slow_workers(
     if len(times) < 2:
         return set(), set(times), None
     median = statistics.median(times.values())
-    factor = spec.supervision.straggler.factor
-    return {i for i, t in times.items() if t > factor * median}, set(times), median
+    st = spec.supervision.straggler
+    slow = {
+        i for i, t in times.items() if t > st.factor * median and t - median > st.min_lag_seconds
+    }
+    return slow, set(times), median
 
 
 def decide(

@@ -396,10 +396,18 @@ RESOURCE_NAME = r"^([a-z0-9.-]+/)?[a-zA-Z0-9]([-a-zA-Z0-9_.]*[a-zA-Z0-9])?$"
 
 
 class StragglerSpec(Strict):
-    """When a slow worker is replaced: step time above `factor` x median for `windows` polls."""
+    """Replace a worker > `factor` x median (and > median + `minLagSeconds`) for `windows` polls."""
 
     factor: float = Field(
         default=3.0, gt=1.0, le=1000.0, description="k: slow means step time > k x median."
+    )
+    # A replacement costs a process start and a resync (seconds); a worker a few ms behind a
+    # millisecond median is noise on a busy machine, not a straggler worth that.
+    min_lag_seconds: float = Field(
+        default=0.01,
+        ge=0.0,
+        le=3600.0,
+        description="Slow also means step time > median + this many seconds (0: k x median alone).",
     )
     windows: int = Field(
         default=3, ge=1, le=10_000, description="W: consecutive slow observations before acting."
