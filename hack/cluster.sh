@@ -62,52 +62,9 @@ COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler)
 log() { printf 'cluster: %s\n' "$*" >&2; }
 die() { log "$*"; exit 1; }
 
-# --- processes, by PID ----------------------------------------------------------------------
-
-# alive NAME: the PID in run/NAME.pid is alive and still runs our binary (not a reused PID).
-alive() {
-  local pidfile="$RUN/$1.pid" pid
-  [[ -f "$pidfile" ]] || return 1
-  pid="$(cat "$pidfile")"
-  [[ -n "$pid" && -r "/proc/$pid/cmdline" ]] || return 1
-  grep -q -- "$CLUSTER_DIR" <<<"$(tr '\0' ' ' <"/proc/$pid/cmdline")"
-}
-
-start() {  # start NAME BINARY ARGS...: detached, logs in logs/NAME.log, PID in run/NAME.pid
-  local name="$1"
-  shift
-  if alive "$name"; then
-    log "$name already runs (pid $(cat "$RUN/$name.pid"))"
-    return
-  fi
-  setsid "$@" >"$LOGS/$name.log" 2>&1 </dev/null &
-  echo $! >"$RUN/$name.pid"
-  log "started $name (pid $!)"
-}
-
-stop() {  # stop NAME: SIGTERM, then SIGKILL after 10 s; only a PID that is ours
-  local name="$1" pid
-  alive "$name" || { rm -f "$RUN/$name.pid"; return 0; }
-  pid="$(cat "$RUN/$name.pid")"
-  kill -TERM "$pid" 2>/dev/null || true
-  for _ in $(seq 100); do
-    alive "$name" || break
-    sleep 0.1
-  done
-  alive "$name" && kill -KILL "$pid" 2>/dev/null || true
-  rm -f "$RUN/$name.pid"
-  log "stopped $name (pid $pid)"
-}
-
-wait_for() {  # wait_for WHAT SECONDS COMMAND...
-  local what="$1" secs="$2"
-  shift 2
-  for _ in $(seq $((secs * 5))); do
-    "$@" >/dev/null 2>&1 && return 0
-    sleep 0.2
-  done
-  die "$what did not come up in ${secs}s; see $LOGS"
-}
+# Processes by PID (alive, start, stop, wait_for): shared with the other hack script.
+# shellcheck source=hack/lib.sh
+source "$ROOT/hack/lib.sh"
 
 # --- certificates -----------------------------------------------------------------------------
 
