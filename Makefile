@@ -64,8 +64,12 @@ test-cluster: tools kube-binaries
 
 # Real pods: the node (containerd, kubelet, kube-proxy, CoreDNS), the real images and the chart's
 # operator in a pod (hack/node.sh, hack/images.sh); slow on a cold machine (image builds).
+# The cluster with its node comes up before pytest starts (CoreDNS and the images are many
+# minutes on a cold machine: no test's timeout pays for them) and stays up afterwards
+# (make cluster-down stops it). Without root the node is missing and the suite skips.
 test-node: tools
 	$(MAKE) kube-binaries KUBE_BINARIES='kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy'
+	PYTHON=$(PY) hack/cluster.sh up
 	$(PY) -m pytest -m "node" -p no:cacheprovider $(PYTEST_ARGS)
 
 test-slow: $(STAMP)
