@@ -134,7 +134,9 @@ def _counter_fields(counters: SupervisionStatus) -> dict[str, Any]:
 
 def with_final(report: CoordinatorReport | None, final: Any) -> CoordinatorReport | None:
     """The last poll of the coordinator, corrected by worker 0's final message (the same
-    shape): the coordinator may exit between the last poll and the end of training."""
+    shape): the coordinator may exit between the last poll and the end of training. The loss
+    stays the poll's (the mean over workers); the message's own (worker 0's last) fills in
+    only when no poll saw one, as when a job ends before the first poll."""
     last = parse_coordinator(final)
     if last is None or not last.finished:
         return report
@@ -143,6 +145,7 @@ def with_final(report: CoordinatorReport | None, final: Any) -> CoordinatorRepor
     return replace(
         report,
         step=max(report.step, last.step),
+        loss=report.loss if report.loss is not None else last.loss,
         accuracy=last.accuracy,
         metric=last.metric or report.metric,
         metric_value=last.metric_value,

@@ -153,6 +153,19 @@ def test_the_final_message_corrects_a_last_poll_taken_before_the_end() -> None:
     assert with_final(None, final) == parse_coordinator(final)
 
 
+def test_a_job_that_ends_before_any_poll_shows_the_final_messages_loss() -> None:
+    final = {"step": 300, "finished": True, "metric": "accuracy", "accuracy": 0.97, "loss": 0.05}
+    alone = with_final(None, final)
+    assert alone is not None and (alone.loss, alone.accuracy) == (0.05, 0.97)
+    polled_without_loss = parse_coordinator({"step": 0, "totalSteps": 300})
+    merged = with_final(polled_without_loss, final)
+    assert merged is not None and merged.loss == 0.05
+    # A poll's own loss (the mean over workers) is kept.
+    polled = parse_coordinator({**GOOD, "step": 279})
+    merged = with_final(polled, final)
+    assert merged is not None and polled is not None and merged.loss == polled.loss
+
+
 @pytest.mark.parametrize("final", [None, {"step": 300}, {"finished": True}, "garbage"])
 def test_anything_but_a_finished_report_leaves_the_last_poll_alone(final: Any) -> None:
     polled = parse_coordinator(GOOD)

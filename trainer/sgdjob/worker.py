@@ -204,6 +204,7 @@ def run_worker(
         versions: list[int] = []
         local_acc = np.zeros(flat.size, dtype=np.float32) if t.mode == "downpour" else None
         since_push = 0
+        train_loss: float | None = None  # this worker's last training loss, for its final word
         while step < steps:
             if t.mode != "downpour" or not versions or step % t.fetch_every == 0:
                 min_version = step if t.mode == "sync" else 0
@@ -259,10 +260,11 @@ def run_worker(
             ev = None
             if index == 0 and step % t.eval_interval == 0:
                 ev = held_out(flat, task, data, precision, limit=t.eval_samples)
+            train_loss = float(loss)
             client.report(
                 Report(
                     step=step,
-                    loss=float(loss),
+                    loss=train_loss,
                     step_time=time.perf_counter() - t0,
                     samples=t.batch_size,
                     bytes_sent=client.bytes_sent,
@@ -304,7 +306,9 @@ def run_worker(
         )
         client.wait_sent()
         log.info("worker 0: final test %s %.4f at version %s", task.metric, ev.metric, versions)
-        final = final_message(version=versions[0] if versions else step, metric=task.metric, ev=ev)
+        final = final_message(
+            version=versions[0] if versions else step, metric=task.metric, ev=ev, loss=train_loss
+        )
         write_termination_message(os.environ.get(ENV_TERMINATION_LOG, ""), final)
         return 0
     finally:
@@ -338,16 +342,19 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def final_message(*, version: int, metric: str, ev: Evaluation) -> str:
+def final_message(*, version: int, metric: str, ev: Evaluation, loss: float | None) -> str:
     """The final result in the shape of the coordinator's /status (a subset, far below the
-    kubelet's 4 KiB limit); non-finite numbers become null, as JSON has no NaN."""
+    kubelet's 4 KiB limit); non-finite numbers become null, as JSON has no NaN. ``loss`` is
+    worker 0's last training loss (None when it ran no step): a job that ends between two
+    polls of the coordinator still shows a loss."""
 
-    def num(x: float) -> float | None:
-        return x if math.isfinite(x) else None
+    def num(x: float | None) -> float | None:
+        return x if x is not None and math.isfinite(x) else None
 
     doc = {
         "step": version,
         "finished": True,
+        "loss": num(loss),
         "metric": metric,
         "metricValue": num(ev.metric),
         "accuracy": num(ev.metric) if metric == "accuracy" else None,
