@@ -145,6 +145,7 @@ def with_final(report: CoordinatorReport | None, final: Any) -> CoordinatorRepor
     return replace(
         report,
         step=max(report.step, last.step),
+        total_steps=report.total_steps if report.total_steps is not None else last.total_steps,
         loss=report.loss if report.loss is not None else last.loss,
         accuracy=last.accuracy,
         metric=last.metric or report.metric,

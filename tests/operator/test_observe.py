@@ -123,25 +123,28 @@ def terminated(code: int, message: str | None) -> dict[str, Any]:
 
 def test_worker_0s_termination_message_reads_back_as_a_finished_coordinator_report() -> None:
     ev = Evaluation(loss=0.125, metric=0.96875)
-    text = worker_final_message(version=300, metric="accuracy", ev=ev, loss=0.0625)
+    text = worker_final_message(version=300, total_steps=300, metric="accuracy", ev=ev, loss=0.0625)
     doc = final_message(pod(terminated(0, text)))
     report = parse_coordinator(doc)
     assert report is not None and report.finished
     assert (report.step, report.accuracy, report.metric) == (300, 0.96875, "accuracy")
     # The training loss, not the held-out one: a job no poll saw still shows its loss.
-    assert report.loss == 0.0625
+    assert (report.loss, report.total_steps) == (0.0625, 300)
 
 
 def test_a_non_finite_metric_becomes_null_so_the_message_stays_json() -> None:
     text = worker_final_message(
         version=3,
+        total_steps=3,
         metric="rmse",
         ev=Evaluation(loss=float("nan"), metric=float("inf")),
         loss=float("nan"),
     )
     doc = json.loads(text)
     assert doc["metricValue"] is None and doc["loss"] is None and "NaN" not in text
-    no_step = worker_final_message(version=0, metric="rmse", ev=Evaluation(1.0, 1.0), loss=None)
+    no_step = worker_final_message(
+        version=0, total_steps=0, metric="rmse", ev=Evaluation(1.0, 1.0), loss=None
+    )
     assert json.loads(no_step)["loss"] is None
 
 

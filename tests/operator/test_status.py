@@ -154,12 +154,23 @@ def test_the_final_message_corrects_a_last_poll_taken_before_the_end() -> None:
 
 
 def test_a_job_that_ends_before_any_poll_shows_the_final_messages_loss() -> None:
-    final = {"step": 300, "finished": True, "metric": "accuracy", "accuracy": 0.97, "loss": 0.05}
+    final = {
+        "step": 300,
+        "totalSteps": 300,
+        "finished": True,
+        "metric": "accuracy",
+        "accuracy": 0.97,
+        "loss": 0.05,
+    }
     alone = with_final(None, final)
-    assert alone is not None and (alone.loss, alone.accuracy) == (0.05, 0.97)
-    polled_without_loss = parse_coordinator({"step": 0, "totalSteps": 300})
-    merged = with_final(polled_without_loss, final)
-    assert merged is not None and merged.loss == 0.05
+    assert alone is not None and (alone.loss, alone.accuracy, alone.total_steps) == (
+        0.05,
+        0.97,
+        300,
+    )
+    polled_early = parse_coordinator({"step": 0})
+    merged = with_final(polled_early, final)
+    assert merged is not None and (merged.loss, merged.total_steps) == (0.05, 300)
     # A poll's own loss (the mean over workers) is kept.
     polled = parse_coordinator({**GOOD, "step": 279})
     merged = with_final(polled, final)

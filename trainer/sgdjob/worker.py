@@ -307,7 +307,11 @@ def run_worker(
         client.wait_sent()
         log.info("worker 0: final test %s %.4f at version %s", task.metric, ev.metric, versions)
         final = final_message(
-            version=versions[0] if versions else step, metric=task.metric, ev=ev, loss=train_loss
+            version=versions[0] if versions else step,
+            total_steps=steps,
+            metric=task.metric,
+            ev=ev,
+            loss=train_loss,
         )
         write_termination_message(os.environ.get(ENV_TERMINATION_LOG, ""), final)
         return 0
@@ -342,17 +346,20 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def final_message(*, version: int, metric: str, ev: Evaluation, loss: float | None) -> str:
+def final_message(
+    *, version: int, total_steps: int, metric: str, ev: Evaluation, loss: float | None
+) -> str:
     """The final result in the shape of the coordinator's /status (a subset, far below the
     kubelet's 4 KiB limit); non-finite numbers become null, as JSON has no NaN. ``loss`` is
-    worker 0's last training loss (None when it ran no step): a job that ends between two
-    polls of the coordinator still shows a loss."""
+    worker 0's last training loss (None when it ran no step): a job that ends before the
+    operator's first poll of the coordinator still shows its loss and step count."""
 
     def num(x: float | None) -> float | None:
         return x if x is not None and math.isfinite(x) else None
 
     doc = {
         "step": version,
+        "totalSteps": total_steps,
         "finished": True,
         "loss": num(loss),
         "metric": metric,
