@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sgdjob.api.types import ReplicaSupervision, SupervisionStatus
+from sgdjob.api.supervision import ReplicaSupervision, SupervisionStatus
 from sgdjob.api.validation import validate_spec
 from sgdjob.policy import (
     Create,

@@ -12,7 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from sgdjob.api.types import Condition, SGDJobStatus, SupervisionStatus
+from sgdjob.api.supervision import SupervisionStatus
+from sgdjob.api.types import Condition, SGDJobStatus
 from sgdjob.policy import Decision, Fail, Progress, SetCondition, Succeed
 
 ConditionType = Literal["Created", "Running", "Restarting", "Succeeded", "Failed", "Blocked"]

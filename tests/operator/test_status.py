@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from sgdjob.api.types import Condition, ReplicaSupervision, SGDJobStatus, SupervisionStatus
+from sgdjob.api.supervision import ReplicaSupervision, SupervisionStatus
+from sgdjob.api.types import Condition, SGDJobStatus
 from sgdjob.policy import Decision, Fail, SetCondition, Succeed
 from sgdjob_operator.status import (
     load_status,

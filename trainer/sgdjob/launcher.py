@@ -25,7 +25,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
-from sgdjob.api.types import SGDJob, SupervisionStatus
+from sgdjob.api.supervision import SupervisionStatus
+from sgdjob.api.types import SGDJob
 from sgdjob.api.validation import spec_to_json
 from sgdjob.contract import EXIT_MEANINGS, ProcessContract, Role, with_curve
 from sgdjob.curvekeys import JobKeys

@@ -88,7 +88,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from sgdjob.api.types import ReplicaSupervision, SGDJobSpec, SupervisionStatus
+from sgdjob.api.supervision import ReplicaSupervision, SupervisionStatus
+from sgdjob.api.types import SGDJobSpec
 from sgdjob.contract import EXIT_MEANINGS, RETRYABLE_EXIT_CODES
 
 Role = Literal["ps", "worker"]
