@@ -22,10 +22,18 @@ each such frame costs a round trip through pyzmq's garbage-collector thread, whi
 than a copy from 64 KiB up (at 4 MiB frames that is one round trip per 4 MiB); smaller ones
 (headers, 1-bit scales) are copied. SO_SNDBUF/SO_RCVBUF are left to the kernel: setting them
 turns off Linux's TCP buffer autotuning and caps them at ``net.core.[rw]mem_max``.
+
+Received buffers: libzmq ``malloc``s every received frame on its I/O thread. With glibc's
+defaults a trainer process got fresh pages for each 4 MiB frame (mmap, a page fault per 4 KiB
+while the kernel copied the bytes in, munmap on free): about a third of a 40 MB push + pull.
+``make_context`` therefore tunes glibc once per process (``keep_freed_buffers``) so frames come
+from the heap and freed ones are reused; the cost is that a process keeps its peak heap
+instead of returning it to the kernel.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hmac
 import os
 from collections.abc import Callable, Sequence
@@ -58,10 +66,62 @@ def io_threads_for(peers: int, cpus: int | None = None) -> int:
     return max(1, min(peers, cpus or 1, MAX_IO_THREADS))
 
 
+# glibc's mallopt parameters (malloc.h), and the values keep_freed_buffers sets.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
+MMAP_THRESHOLD_BYTES = 32 << 20  # glibc's largest (HEAP_MAX_SIZE / 2): 4 MiB frames stay below
+TRIM_THRESHOLD_BYTES = 1 << 30
+# Set by the user, these win: keep_freed_buffers leaves the allocator alone.
+MALLOC_ENV = (
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "MALLOC_ARENA_MAX",
+    "GLIBC_TUNABLES",
+)
+_tuned: bool | None = None
+
+
+def keep_freed_buffers() -> bool:
+    """Have glibc serve received frames from the heap and keep freed ones for the next message.
+
+    Without it, each large frame libzmq receives is a fresh mmap (glibc's threshold starts at
+    128 KiB) that the kernel faults in page by page, and a freed heap top above 2x the
+    threshold is trimmed back, so the next step faults again. Both thresholds are set
+    explicitly, which also stops glibc's own adjustment of them. One arena: an I/O thread's
+    own arena grows in 64 MiB heaps that glibc unmaps as soon as they are empty, so a
+    message of more than 64 MiB would fault in again every time. Once per process; False
+    (and nothing changed) without glibc, or when the user tuned malloc through the
+    environment.
+    """
+    global _tuned
+    if _tuned is None:
+        _tuned = False
+        if not any(os.environ.get(name) for name in MALLOC_ENV):
+            try:
+                mallopt = ctypes.CDLL(None).mallopt  # the C library this process runs on
+            except (OSError, AttributeError):
+                return False
+            mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+            mallopt.restype = ctypes.c_int
+            # mallopt returns 1 on success; musl's is a stub returning 0.
+            _tuned = all(
+                mallopt(param, value) == 1
+                for param, value in (
+                    (_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES),
+                    (_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES),
+                    (_M_ARENA_MAX, 1),
+                )
+            )
+    return _tuned
+
+
 def make_context(*, io_threads: int = 1) -> zmq.Context[zmq.Socket[bytes]]:
-    """A ZeroMQ context with ``io_threads`` I/O threads (see ``io_threads_for``)."""
+    """A ZeroMQ context with ``io_threads`` I/O threads (see ``io_threads_for``); the process's
+    allocator is tuned for the frames it will receive first (``keep_freed_buffers``)."""
     if not isinstance(io_threads, int) or not 1 <= io_threads <= MAX_IO_THREADS:
         raise ValueError(f"io_threads must be an integer in 1..{MAX_IO_THREADS}, got {io_threads}")
+    keep_freed_buffers()
     return zmq.Context(io_threads=io_threads)
 
 
