@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from sgdjob.protocol import DType, ErrorCode, Header, Op
-from sgdjob.syncstep import Coverage
+from sgdjob.syncstep import Coverage, all_finite
 from tests.test_shard import TOKEN, make_shard, msg, push
 
 N = 12
@@ -178,3 +178,30 @@ def test_coverage_tells_new_ranges_from_re_sends_and_refuses_overlaps() -> None:
     for a, b in ((3, 5), (7, 9), (5, 6), (0, 12)):
         with pytest.raises(ValueError, match="overlaps"):
             c.check(a, b)
+
+
+@pytest.mark.parametrize(
+    ("values", "finite"),
+    [
+        ([], True),
+        ([0.0, -1.5, 1e-30], True),
+        ([3e38, 3e38, 3e38], True),  # the sum overflows, every element is finite
+        ([1.0, np.nan, 2.0], False),
+        ([np.inf], False),
+        ([-np.inf, 1.0], False),
+        ([np.inf, -np.inf], False),  # the sum is NaN
+        ([3e38, 3e38, np.nan], False),
+    ],
+)
+def test_all_finite_agrees_with_the_elementwise_check(values: list[float], finite: bool) -> None:
+    arr = np.array(values, dtype=np.float32)
+    assert all_finite(arr) is finite
+    assert bool(np.isfinite(arr).all()) is finite
+
+
+def test_a_part_of_huge_finite_values_is_summed_not_refused() -> None:
+    shard, sent = make_shard(count=N)
+    big = np.full(N, 3e38, np.float32)
+    shard.handle(part(0, big, 0, N, 0))  # type: ignore[arg-type]
+    assert not any(m[1].op == Op.ERROR for m in sent.messages)
+    assert shard.pending.coverage[0].covered == N
