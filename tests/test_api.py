@@ -29,6 +29,12 @@ def test_a_valid_job_parses_with_defaults() -> None:
         ({"training": {"maxStaleness": 2}}, "spec.training.maxStaleness"),
         ({"training": {"mode": "downpour", "fetchEvery": 0}}, "spec.training.fetchEvery"),
         ({"training": {"fetchEvery": 2}}, "spec.training.fetchEvery"),
+        ({"compression": {"send": "updates"}}, "spec.compression.send"),
+        (
+            {"compression": {"kind": "onebit", "send": "updates"}, "training": {"mode": "async"}},
+            "spec.compression.send",
+        ),
+        ({"compression": {"send": "momentum"}}, "spec.compression.send"),
         ({"model": {"entryPoint": "x:y"}}, "spec.model"),
         ({"model": {"builtin": None}}, "spec.model"),
         ({"model": {"entryPoint": "not an entry point", "builtin": None}}, "spec.model.entryPoint"),

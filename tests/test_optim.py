@@ -11,7 +11,7 @@ import torch
 from sgdjob.api.types import TrainingSpec
 from sgdjob.api.workloads import ScheduleSpec
 from sgdjob.checkpoint import ShardState, decode, encode
-from sgdjob.optim import SliceOptimizer
+from sgdjob.optim import AppliedUpdates, LocalUpdate, SliceOptimizer
 from sgdjob.schedule import Schedule, equivalent_step
 
 CASES: list[tuple[dict[str, Any], Any]] = [
@@ -97,6 +97,46 @@ def test_optimizer_state_survives_a_checkpoint_and_the_run_continues_identically
         restored.step(g, lr=0.1)
     np.testing.assert_array_equal(p, q)
     assert restored.steps == opt.steps
+
+
+@pytest.mark.parametrize(("kw", "make"), CASES, ids=lambda c: str(c)[:40])
+def test_a_workers_local_update_is_the_step_torch_optim_takes_from_its_parameters(
+    kw: dict[str, Any], make: Any
+) -> None:
+    # compression.send: updates: the worker pushes params - params' and the shard subtracts
+    # it, so one worker's run follows torch.optim on the whole vector (weight decay included).
+    rng = np.random.default_rng(1)
+    p0 = rng.standard_normal(40).astype(np.float32)
+    worker = torch.from_numpy(p0.copy())
+    shard = p0.copy()
+    local = LocalUpdate(trainable=30, spec=spec(**kw))
+    applied = AppliedUpdates(shard, trainable=30)
+    ref = torch.nn.Parameter(torch.from_numpy(p0[:30].copy()))
+    topt = make([ref])
+    for _ in range(6):
+        g = rng.standard_normal(40).astype(np.float32)
+        grads = torch.from_numpy(g.copy())
+        local.apply(worker, grads, lr=0.1)
+        np.testing.assert_array_equal(grads.numpy()[30:], g[30:])  # buffers travel as they are
+        applied.step(grads.numpy(), lr=123.0)  # the workers applied the rate already
+        worker.copy_(torch.from_numpy(shard))  # the pull
+        ref.grad = torch.from_numpy(g[:30].copy())
+        topt.step()
+        p0[30:] += g[30:]
+    np.testing.assert_allclose(shard[:30], ref.detach().numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(shard[30:], p0[30:])
+
+
+def test_applied_updates_refuse_a_staleness_factor_and_another_optimizers_checkpoint() -> None:
+    applied = AppliedUpdates(np.zeros(4, np.float32), trainable=4)
+    with pytest.raises(ValueError, match="staleness"):
+        applied.step(np.ones(4, np.float32), lr=0.1, scale=0.5)
+    adam = SliceOptimizer(np.zeros(4, np.float32), trainable=4, spec=spec(optimizer="adam"))
+    with pytest.raises(ValueError, match="adam state, the job sends the workers' updates"):
+        applied.load_state(adam.state_arrays(), adam.state_extra())
+    with pytest.raises(ValueError, match="workers state"):
+        adam.load_state(applied.state_arrays(), applied.state_extra())
+    applied.load_state(applied.state_arrays(), applied.state_extra())  # its own: fine
 
 
 def test_a_checkpoint_of_another_optimizer_is_refused() -> None:

@@ -316,6 +316,14 @@ INVALID: list[tuple[str, dict[str, Any]]] = [
     ("staleness in sync", {"training": {"maxSteps": 5, "staleness": "zhang"}}),
     ("lazy fetches outside downpour", {"training": {"maxSteps": 5, "fetchEvery": 3}}),
     ("a bad compression kind", {"compression": {"kind": "zip"}}),
+    ("workers' updates without 1-bit", {"compression": {"send": "updates"}}),
+    (
+        "workers' updates in async mode",
+        {
+            "compression": {"kind": "onebit", "send": "updates"},
+            "training": {"maxSteps": 5, "mode": "async"},
+        },
+    ),
     ("odena's scale in sync", {"training": {"maxSteps": 5, "odenaScale": 2.0}}),
     # The workload rules (model, data, task, optimizer, schedule), CEL twins of Python's.
     ("a custom task without its entry point", {"training": {"maxSteps": 5, "task": "custom"}}),

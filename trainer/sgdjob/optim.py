@@ -14,6 +14,10 @@ learning rate, momentum or weight decay.
 The staleness rules' factor scales the scheduled rate: for SGD it multiplies the gradient
 before momentum (the learning rate of that one gradient, which also allows Odena's
 per-element factor); for Adam/AdamW, which normalise the gradient away, it multiplies ``lr``.
+
+With ``compression.send: updates`` the rule runs on the workers instead (``LocalUpdate``: each
+worker steps its own copy of the optimizer state with its own gradient and sends the step it
+would take), and the shard only applies the workers' average (``AppliedUpdates``).
 """
 
 from __future__ import annotations
@@ -27,6 +31,29 @@ from sgdjob.api.types import TrainingSpec
 
 STATE_ARRAYS = {"sgd": {"momentum_buffer": "momentum"}}
 ADAM_ARRAYS = {"exp_avg": "expAvg", "exp_avg_sq": "expAvgSq"}
+
+
+def torch_optimizer(param: torch.nn.Parameter, spec: TrainingSpec) -> torch.optim.Optimizer:
+    """torch's own optimizer for ``spec.optimizer`` over one flat parameter, single-tensor
+    kernels (no foreach), so a slice, a whole vector and a worker's copy step alike."""
+    if spec.optimizer == "sgd":
+        return torch.optim.SGD(
+            [param],
+            lr=spec.lr,
+            momentum=spec.momentum,
+            nesterov=spec.nesterov,
+            weight_decay=spec.weight_decay,
+            foreach=False,
+        )
+    cls = torch.optim.Adam if spec.optimizer == "adam" else torch.optim.AdamW
+    return cls(
+        [param],
+        lr=spec.lr,
+        betas=(spec.beta1, spec.beta2),
+        eps=spec.eps,
+        weight_decay=spec.weight_decay,
+        foreach=False,
+    )
 
 
 class SliceOptimizer:
@@ -44,29 +71,12 @@ class SliceOptimizer:
         names = STATE_ARRAYS["sgd"] if self.kind == "sgd" else ADAM_ARRAYS
         self.arrays = {key: np.zeros(self.count, dtype=np.float32) for key in names.values()}
         self._scratch = np.empty(t, dtype=np.float32)
-        self.opt: torch.optim.Optimizer
+        self.opt = torch_optimizer(self.param, spec)
         if self.kind == "sgd":
-            self.opt = torch.optim.SGD(
-                [self.param],
-                lr=spec.lr,
-                momentum=spec.momentum,
-                nesterov=spec.nesterov,
-                weight_decay=spec.weight_decay,
-                foreach=False,
-            )
             if spec.momentum:
                 state = self.opt.state[self.param]
                 state["momentum_buffer"] = torch.from_numpy(self.arrays["momentum"][:t])
         else:
-            cls = torch.optim.Adam if self.kind == "adam" else torch.optim.AdamW
-            self.opt = cls(
-                [self.param],
-                lr=spec.lr,
-                betas=(spec.beta1, spec.beta2),
-                eps=spec.eps,
-                weight_decay=spec.weight_decay,
-                foreach=False,
-            )
             state = self.opt.state[self.param]
             state["step"] = torch.tensor(0.0)
             for key, name in ADAM_ARRAYS.items():
@@ -120,3 +130,76 @@ class SliceOptimizer:
                 np.copyto(arr, arrays[name])
         if self.kind != "sgd":
             self.opt.state[self.param]["step"].fill_(float(extra.get("optimizerSteps", 0)))
+
+
+WORKER_RULE = "workers"  # what a checkpoint of an AppliedUpdates slice says its optimizer is
+
+
+class AppliedUpdates:
+    """A shard's rule with ``compression.send: updates``: the averaged push is the step the
+    workers' own optimizers took, subtracted as it is (buffers' changes added as ever).
+
+    The optimizer state lives on the workers (``LocalUpdate``), so a checkpoint holds the
+    parameters only; the learning rate was applied by the workers too."""
+
+    kind = WORKER_RULE
+    steps = 0
+
+    def __init__(self, params: np.ndarray, *, trainable: int) -> None:
+        if params.dtype != np.float32 or params.ndim != 1:
+            raise ValueError("a slice is a 1-D float32 vector")
+        self.params = params
+        self.count = params.shape[0]
+        self.trainable = max(0, min(self.count, trainable))
+
+    def step(self, grad: np.ndarray, *, lr: float, scale: float | np.ndarray = 1.0) -> None:
+        """Apply one averaged update of the whole slice (``lr`` is the workers' business)."""
+        if grad.shape != (self.count,):
+            raise ValueError(f"update of {grad.shape}, slice holds {self.count}")
+        if np.ndim(scale) != 0 or scale != 1.0:
+            raise ValueError("workers' updates take no staleness factor (sync mode only)")
+        t = self.trainable
+        self.params[:t] -= grad[:t]
+        self.params[t:] += grad[t:]
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def state_extra(self) -> dict[str, Any]:
+        return {"optimizer": WORKER_RULE, "optimizerSteps": 0}
+
+    def load_state(self, arrays: dict[str, np.ndarray], extra: dict[str, Any]) -> None:
+        saved = extra.get("optimizer", "sgd")
+        if saved != WORKER_RULE:
+            raise ValueError(
+                f"the checkpoint holds {saved} state, the job sends the workers' updates"
+            )
+
+
+class LocalUpdate:
+    """A worker's own optimizer with ``compression.send: updates``.
+
+    ``apply`` turns the gradient in ``grads[:trainable]`` into the descent ``params - params'``
+    that torch's optimizer takes from the worker's current parameters, in place, so that the
+    push (1-bit, with error feedback) carries the step rather than the gradient. The state
+    (momentum, Adam's moments) stays on the worker's device beside its parameters."""
+
+    def __init__(
+        self, *, trainable: int, spec: TrainingSpec, device: torch.device | str = "cpu"
+    ) -> None:
+        self.trainable = trainable
+        self.param = torch.nn.Parameter(torch.zeros(trainable, device=device))
+        self.opt = torch_optimizer(self.param, spec)
+
+    def apply(self, params: torch.Tensor, grads: torch.Tensor, *, lr: float) -> None:
+        t = self.trainable
+        if not t:
+            return
+        with torch.no_grad():
+            self.param.copy_(params[:t])
+        self.param.grad = grads[:t]
+        self.opt.param_groups[0]["lr"] = lr
+        self.opt.step()
+        self.param.grad = None
+        with torch.no_grad():
+            torch.sub(params[:t], self.param, out=grads[:t])

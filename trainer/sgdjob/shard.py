@@ -43,7 +43,7 @@ from sgdjob.api.types import SGDJobSpec
 from sgdjob.checkpoint import ShardState
 from sgdjob.downlink import Downlink
 from sgdjob.onebit_wire import SliceSplit, add_gradient
-from sgdjob.optim import SliceOptimizer
+from sgdjob.optim import AppliedUpdates, SliceOptimizer
 from sgdjob.protocol import (
     ErrorCode,
     Flags,
@@ -115,7 +115,11 @@ class Shard:
         self.max_staleness = t.max_staleness
         # Elements past `trainable` (of the whole vector) are buffers: see sgdjob.models.flat.
         split = SliceSplit.of(slice_, trainable)
-        self.opt = SliceOptimizer(self.params, trainable=split.trainable, spec=t)
+        self.opt: SliceOptimizer | AppliedUpdates = (
+            AppliedUpdates(self.params, trainable=split.trainable)
+            if comp.send == "updates"  # the workers ran the optimizer (sgdjob.optim)
+            else SliceOptimizer(self.params, trainable=split.trainable, spec=t)
+        )
         self.schedule = Schedule(t.lr, t.schedule)
         self.rule = StalenessRule(t.staleness, count=slice_.count, odena_scale=t.odena_scale)
         self.version = 0

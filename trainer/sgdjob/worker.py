@@ -46,6 +46,7 @@ from sgdjob.data import (
 from sgdjob.data.dataset import from_legacy
 from sgdjob.gpus import GPUError
 from sgdjob.models import FlatModel, build_model
+from sgdjob.optim import LocalUpdate
 from sgdjob.output import atomic_write
 from sgdjob.overlap import OverlapPusher, fallback_reason
 from sgdjob.precision import Precision, clip_grad_norm_
@@ -174,6 +175,12 @@ def run_worker(
         # 1-bit encoding runs where the gradient is (the GPU); Downpour accumulates on host.
         ef_device="cpu" if t.mode == "downpour" else flat.grads.device,
     )
+    # compression.send: updates: this worker runs the optimizer and pushes the step it takes.
+    local = (
+        LocalUpdate(trainable=flat.trainable, spec=t, device=device)
+        if spec.compression.send == "updates"
+        else None
+    )
     overlap: OverlapPusher | None = None
     reason = fallback_reason(spec, precision)
     if reason is None:
@@ -256,6 +263,8 @@ def run_worker(
                     local_acc.fill(0.0)
                     since_push = 0
             elif overlap is None:
+                if local is not None:
+                    local.apply(flat.params, flat.grads, lr=schedule.lr_at(step, total_steps=steps))
                 client.push(flat.grads if onebit else host.grads, versions=versions, step=step)
             ev = None
             if index == 0 and step % t.eval_interval == 0:

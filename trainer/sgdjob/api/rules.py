@@ -34,6 +34,8 @@ _STALENESS = _get("staleness", "'none'")
 _OPTIMIZER = _get("optimizer", "'sgd'")
 _MOMENTUM = _get("momentum", "0.9")
 _NESTEROV = _get("nesterov", "false")
+_SEND = _get("send", "'gradients'")  # on `compression`
+_KIND = _get("kind", "'none'")  # on `compression`
 _TASK_HERE = _get("task", "'classification'")  # on `training`
 _POSITIONS = _get("positions", "'learned'")  # on `model.transformer`
 _D_MODEL = _get("dModel", "128")
@@ -226,6 +228,20 @@ SPEC_RULES: tuple[Rule, ...] = (
         f"{_MODE} == 'downpour' || {_get('pushEvery', '1')} == 1",
         "only `downpour` mode fetches/pushes lazily",
         ".pushEvery",
+    ),
+    Rule(
+        "compression",
+        f"{_SEND} == 'gradients' || {_KIND} == 'onebit'",
+        "`updates` needs `kind: onebit`",
+        ".send",
+    ),
+    Rule(
+        "",
+        "!has(self.compression) || !has(self.compression.send)"
+        " || self.compression.send == 'gradients' || !has(self.training)"
+        " || !has(self.training.mode) || self.training.mode == 'sync'",
+        "`updates` exists only in `sync` mode",
+        ".compression.send",
     ),
     *_workload_rules(),
 )

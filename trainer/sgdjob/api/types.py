@@ -258,6 +258,16 @@ class CompressionSpec(Strict):
     server_to_worker: bool = Field(
         default=False, description="Also compress the parameter updates the shards send back."
     )
+    send: Literal["gradients", "updates"] = Field(
+        default="gradients",
+        description="What a worker compresses. `gradients`: its gradient; the shards run the "
+        "optimizer on the workers' average. `updates`: each worker runs the optimizer on its "
+        "own gradient and sends the step it would take; the shards apply the workers' average "
+        "as it is. Error feedback corrects only what enters the model linearly, which Adam's "
+        "division by its second moment is not: with Adam use `updates` (docs/benchmarks.md). "
+        "Needs `kind: onebit` and `sync` mode; a restarted worker starts its optimizer state "
+        "afresh, as it does its error-feedback residual.",
+    )
 
 
 class DebugSpec(Strict):

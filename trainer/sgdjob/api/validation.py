@@ -106,6 +106,12 @@ def cross_field_problems(spec: SGDJobSpec, prefix: str = "spec") -> list[Problem
         for name, alias in (("fetch_every", "fetchEvery"), ("push_every", "pushEvery")):
             if getattr(t, name) != 1:
                 out.append(Problem(f"{tp}.{alias}", "only `downpour` mode fetches/pushes lazily"))
+    if spec.compression.send == "updates":
+        send = f"{prefix}.compression.send"
+        if spec.compression.kind != "onebit":
+            out.append(Problem(send, "`updates` needs `kind: onebit`"))
+        if t.mode != "sync":
+            out.append(Problem(send, "`updates` exists only in `sync` mode"))
     total = spec.workers.replicas + t.backup_workers
     for index in spec.debug.slow_workers:
         if not 0 <= index < total:
