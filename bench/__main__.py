@@ -15,6 +15,7 @@ BENCHES = [
     "sync_vs_ddp",
     "compression",
     "time_to_accuracy",
+    "onebit_optimizers",
     "convergence",
     "workloads",
     "operator",

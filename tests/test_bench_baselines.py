@@ -106,24 +106,28 @@ def test_sync_vs_ddp_rows_give_samples_and_cpu_ratios_to_plain_ddp() -> None:
     assert fp16[4] == f"{230 / 210:.2f}" and fp16[5] == "-" and fp16[6] == "-"
 
 
-def test_the_sgdjob_series_is_timed_from_the_step_0_evaluation(tmp_path: Path) -> None:
+def test_the_sgdjob_series_is_timed_from_the_step_0_evaluation_and_leaves_the_final_out(
+    tmp_path: Path,
+) -> None:
     lines = [
         {"kind": "train", "version": 1, "time": 9.0},
         {"kind": "eval", "step": 0, "version": 1, "value": 0.1, "time": 10.0},
         {"kind": "eval", "step": 50, "version": 51, "value": 0.62, "time": 15.5},
         {"kind": "eval", "step": 100, "version": 101, "value": 0.81, "time": 21.0},
         {"kind": "eval", "step": 150, "version": 151, "value": 0.79, "time": 26.0},
+        # The final evaluation on the whole test set: DDP's series has none, so it is left out.
+        {"kind": "eval", "step": 200, "version": 200, "value": 0.95, "time": 31.0},
     ]
     path = tmp_path / "metrics.jsonl"
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    series = sgdjob_series(path)
+    series = sgdjob_series(path, steps=200)
     assert series == [(0, 0.0, 0.1), (50, 5.5, 0.62), (100, 11.0, 0.81), (150, 16.0, 0.79)]
     assert time_to(series, 0.8) == 11.0 and steps_to(series, 0.8) == 100
     assert time_to(series, 0.9) is None and steps_to(series, 0.9) is None
     assert series_rate(series, workers=2, batch=32) == pytest.approx(2 * 32 * 150 / 16.0)
     path.write_text(json.dumps(lines[2]) + "\n")
     with pytest.raises(ValueError, match="no evaluation at step 0"):
-        sgdjob_series(path)
+        sgdjob_series(path, steps=200)
 
 
 def test_a_ddp_series_must_start_at_step_0_and_a_rate_needs_a_later_point() -> None:
@@ -180,3 +184,14 @@ def test_ddp_on_fashion_mnist_evaluates_at_the_job_steps_and_reports_the_final_a
     assert 0.0 <= r["final_accuracy"] <= 1.0 and r["hook"] == "powersgd-r1"
     with pytest.raises(ChildProcessError):
         os.waitpid(-1, os.WNOHANG)
+
+
+@pytest.mark.skipif(not _fashion_available(), reason="Fashion-MNIST is not installed")
+def test_the_onebit_optimizer_study_runs_each_scheme_from_the_same_start() -> None:
+    from bench.onebit_optimizers import VARIANTS, _data, run
+
+    data = _data()
+    got = {v: run(v, hidden=[16], steps=5, data=data, eval_every=2) for v in VARIANTS}
+    assert all(len(acc) == 3 and all(0.0 <= a <= 1.0 for a in acc) for acc in got.values())
+    # Same weights and batches: the first step differs only by what the wire did to it.
+    assert got["fp32"] != got["onebit-grad"]
