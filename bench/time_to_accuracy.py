@@ -4,8 +4,10 @@ What is measured: 2 workers train one model on Fashion-MNIST, sync, the same eve
 (data, partition and batch of every step, initial weights, optimizer, learning rate and
 schedule, number of steps, evaluation steps and items), six ways:
 
-- ``sgdjob sync fp32`` and ``sgdjob sync 1-bit both ways`` (``compression.kind: onebit``,
-  error feedback, ``serverToWorker: true``), 1 shard, as bare trainer processes
+- ``sgdjob sync fp32``, ``sgdjob sync 1-bit both ways`` (``compression.kind: onebit``,
+  error feedback, ``serverToWorker: true``) and ``sgdjob sync 1-bit updates both ways`` (the
+  same with ``send: updates``: each worker runs the optimizer and sends its step), 1 shard,
+  as bare trainer processes
   (``bench.splitjob`` in a child process, ``bench.jobrun``): the shard in namespace A bound to
   A's address, both workers in namespace B, so every push and pull crosses the link;
 - torch DDP (gloo) with each hook of ``bench.ddp_hooks`` (fp32, fp16, PowerSGD rank 1 and 4),
@@ -73,6 +75,14 @@ SGDJOB: dict[str, dict[str, Any]] = {
         "errorFeedback": True,
         "serverToWorker": True,
     },
+    # The optimizer on each worker, its 1-bit step on the wire (bench.onebit_optimizers).
+    "sgdjob sync 1-bit updates both ways": {
+        "kind": "onebit",
+        "bucketSize": 512,
+        "errorFeedback": True,
+        "serverToWorker": True,
+        "send": "updates",
+    },
 }
 # Per model: the target accuracy, and the defaults of a full run.
 TARGETS = {"mlp": 0.75, "cnn": 0.80}
@@ -130,7 +140,7 @@ def run_system(
         summary = run_job_process(
             job("tta", spec), out, executor=False, split=where["split"], timeout_s=timeout_s
         )
-        series = sgdjob_series(out / "metrics.jsonl")
+        series = sgdjob_series(out / "metrics.jsonl", steps=int(spec["training"]["maxSteps"]))
         final = float(summary["finalAccuracy"])
     else:
         hook = next(h for h in HOOKS if label(h) == name)

@@ -36,7 +36,7 @@ from bench.report import markdown_table, write_result
 
 SIZES_MB = (4, 40, 160)
 ROUNDS = {4: 20, 40: 4, 160: 2}  # rounds per block
-BLOCKS = 3
+BLOCKS = 5
 IN, CLASSES = 1000, 10
 PATHS = ("sgdjob", "raw", "sgdjob+curve", "raw+curve")
 

@@ -17,12 +17,15 @@ from pathlib import Path
 Series = list[tuple[int, float, float]]
 
 
-def sgdjob_series(metrics: Path) -> Series:
-    """The eval lines of a metrics.jsonl, timed from the step-0 evaluation's line."""
+def sgdjob_series(metrics: Path, *, steps: int) -> Series:
+    """The periodic eval lines of a metrics.jsonl, timed from the step-0 evaluation's line.
+
+    Worker 0's final evaluation (on the whole test set, reported at step ``steps``) is left
+    out: DDP's series holds only the periodic ones, on the same first items."""
     evals = []
     for line in metrics.read_text(encoding="utf-8").splitlines():
         rec = json.loads(line)
-        if rec.get("kind") == "eval":
+        if rec.get("kind") == "eval" and int(rec["step"]) < steps:
             evals.append((int(rec["step"]), float(rec["time"]), float(rec["value"])))
     zero = [t for step, t, _ in evals if step == 0]
     if not zero:
