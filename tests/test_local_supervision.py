@@ -62,6 +62,37 @@ def test_a_worker_killed_with_sigkill_is_restarted_and_the_job_matches_a_clean_r
     assert abs(summary["finalAccuracy"] - clean["finalAccuracy"]) <= 0.01
 
 
+def test_with_the_workers_updates_a_killed_worker_starts_its_optimizer_afresh_and_finishes(
+    tmp_path: Path, run_job: Any
+) -> None:
+    # compression.send: updates: the restarted worker's Adam moments (like its 1-bit
+    # residual) start from zero; the job still ends near a run without the kill.
+    doc = job_doc(
+        "updkillw",
+        parameterServers={"shards": 2},
+        workers={"replicas": 2},
+        training={"maxSteps": 150, "optimizer": "adam", "lr": 0.005},
+        compression={"kind": "onebit", "bucketSize": 64, "send": "updates"},
+    )
+    clean, _ = run_job(doc, subdir="clean")
+
+    def kill_worker_1(lj: LocalJob) -> None:
+        wait_for_step(lj, 40)
+        proc = lj.workers[1].proc
+        assert proc is not None
+        os.kill(proc.pid, signal.SIGKILL)
+
+    lj = LocalJob(parse_job(doc), output=tmp_path / "killed", progress=False)
+    run_with(lj, kill_worker_1)
+    assert [name for name, _ in lj.restarted] == ["worker-1"]
+    import json
+
+    summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
+    print(clean["finalAccuracy"], summary["finalAccuracy"])
+    assert summary["version"] == 150
+    assert summary["finalAccuracy"] >= clean["finalAccuracy"] - 0.03
+
+
 def test_a_straggling_worker_is_replaced_and_the_job_completes(tmp_path: Path) -> None:
     # Worker 1's first attempt sleeps 40 ms a step (a slow machine); others take ~1-3 ms.
     doc = job_doc(

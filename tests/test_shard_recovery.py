@@ -65,6 +65,26 @@ def test_a_shard_killed_mid_run_is_restored_and_the_job_matches_a_clean_run(
     assert summary["finalAccuracy"] >= clean["finalAccuracy"] - 0.01
 
 
+def test_with_the_workers_updates_a_killed_shard_holds_no_optimizer_state_and_is_restored(
+    tmp_path: Path, run_job: Any
+) -> None:
+    # compression.send: updates: Adam's moments live on the workers, the shard's checkpoint
+    # holds the parameters only, and the run goes on from them.
+    doc = job_doc(
+        "updkill",
+        parameterServers={"shards": 2},
+        workers={"replicas": 2},
+        training={"maxSteps": 200, "optimizer": "adam", "lr": 0.005},
+        compression={"kind": "onebit", "bucketSize": 64, "send": "updates"},
+        checkpoint={"every": EVERY},
+    )
+    clean, _ = run_job(doc, subdir="clean")
+    summary = kill_shard_run(tmp_path / "killed", doc, shard=1, at=70)
+    print(clean["finalAccuracy"], summary["finalAccuracy"])
+    assert summary["finalAccuracy"] >= clean["finalAccuracy"] - 0.03
+    assert not summary["rejectedMessages"]
+
+
 def test_without_checkpoints_a_lost_shard_fails_the_job(tmp_path: Path) -> None:
     from sgdjob.launcher import LaunchError
 
