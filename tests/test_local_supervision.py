@@ -36,6 +36,18 @@ def wait_for_step(lj: LocalJob, step: int, timeout: float = 60.0) -> None:
     raise AssertionError(f"the job never reached step {step}")
 
 
+def kill_worker(index: int, *, at_step: int) -> Any:
+    """A ``run_with`` action: SIGKILL worker ``index`` once the job reaches ``at_step``."""
+
+    def kill(lj: LocalJob) -> None:
+        wait_for_step(lj, at_step)
+        proc = lj.workers[index].proc
+        assert proc is not None
+        os.kill(proc.pid, signal.SIGKILL)
+
+    return kill
+
+
 def test_a_worker_killed_with_sigkill_is_restarted_and_the_job_matches_a_clean_run(
     tmp_path: Path, run_job: Any
 ) -> None:
@@ -44,14 +56,8 @@ def test_a_worker_killed_with_sigkill_is_restarted_and_the_job_matches_a_clean_r
     )
     clean, _ = run_job(doc, subdir="clean")
 
-    def kill_worker_1(lj: LocalJob) -> None:
-        wait_for_step(lj, 40)
-        proc = lj.workers[1].proc
-        assert proc is not None
-        os.kill(proc.pid, signal.SIGKILL)
-
     lj = LocalJob(parse_job(doc), output=tmp_path / "killed", progress=False)
-    run_with(lj, kill_worker_1)
+    run_with(lj, kill_worker(1, at_step=40))
     assert [name for name, _ in lj.restarted] == ["worker-1"]
     assert "SIGKILL" in lj.restarted[0][1] or "137" in lj.restarted[0][1]
     assert lj.counters.replicas["worker-1"].restarts == 1
@@ -76,14 +82,8 @@ def test_with_the_workers_updates_a_killed_worker_starts_its_optimizer_afresh_an
     )
     clean, _ = run_job(doc, subdir="clean")
 
-    def kill_worker_1(lj: LocalJob) -> None:
-        wait_for_step(lj, 40)
-        proc = lj.workers[1].proc
-        assert proc is not None
-        os.kill(proc.pid, signal.SIGKILL)
-
     lj = LocalJob(parse_job(doc), output=tmp_path / "killed", progress=False)
-    run_with(lj, kill_worker_1)
+    run_with(lj, kill_worker(1, at_step=40))
     assert [name for name, _ in lj.restarted] == ["worker-1"]
     import json
 
