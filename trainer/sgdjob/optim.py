@@ -142,9 +142,6 @@ class AppliedUpdates:
     The optimizer state lives on the workers (``LocalUpdate``), so a checkpoint holds the
     parameters only; the learning rate was applied by the workers too."""
 
-    kind = WORKER_RULE
-    steps = 0
-
     def __init__(self, params: np.ndarray, *, trainable: int) -> None:
         if params.dtype != np.float32 or params.ndim != 1:
             raise ValueError("a slice is a 1-D float32 vector")

@@ -96,24 +96,24 @@ def keep_freed_buffers() -> bool:
     """
     global _tuned
     if _tuned is None:
-        _tuned = False
-        if not any(os.environ.get(name) for name in MALLOC_ENV):
-            try:
-                mallopt = ctypes.CDLL(None).mallopt  # the C library this process runs on
-            except (OSError, AttributeError):
-                return False
-            mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-            mallopt.restype = ctypes.c_int
-            # mallopt returns 1 on success; musl's is a stub returning 0.
-            _tuned = all(
-                mallopt(param, value) == 1
-                for param, value in (
-                    (_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES),
-                    (_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES),
-                    (_M_ARENA_MAX, 1),
-                )
-            )
+        _tuned = not any(os.environ.get(name) for name in MALLOC_ENV) and _mallopt_all(
+            (_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES),
+            (_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES),
+            (_M_ARENA_MAX, 1),
+        )
     return _tuned
+
+
+def _mallopt_all(*settings: tuple[int, int]) -> bool:
+    """Apply each (parameter, value) with the C library's mallopt; True if all took."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the C library this process runs on
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    # glibc's mallopt returns 1 when it took the value; musl's does nothing and returns 0.
+    return all(mallopt(param, value) == 1 for param, value in settings)
 
 
 def make_context(*, io_threads: int = 1) -> zmq.Context[zmq.Socket[bytes]]:
