@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -69,16 +70,21 @@ _FAULTS = textwrap.dedent(
 )
 
 
-def _receive_faults(mode: str, env: dict[str, str] | None = None) -> int:
+def _python(code: str, *args: str, env: dict[str, str] | None = None) -> str:
+    """What a fresh interpreter running ``code`` prints."""
     out = subprocess.run(
-        [sys.executable, "-c", _FAULTS, mode],
+        [sys.executable, "-c", code, *args],
         capture_output=True,
         text=True,
         check=True,
         timeout=120,
         env=env,
     )
-    return int(out.stdout.strip())
+    return out.stdout.strip()
+
+
+def _receive_faults(mode: str) -> int:
+    return int(_python(_FAULTS, mode))
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
@@ -90,14 +96,9 @@ def test_a_tuned_process_receives_the_same_frames_again_without_page_faults() ->
 
 
 def test_the_allocator_is_left_alone_when_the_user_tuned_malloc() -> None:
-    import os
-
     env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": str(128 << 10)}
     code = "from sgdjob.transport import keep_freed_buffers; print(keep_freed_buffers())"
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
-    )
-    assert out.stdout.strip() == "False"
+    assert _python(code, env=env) == "False"
 
 
 def test_both_ends_share_the_options_and_large_frames_arrive_intact() -> None:
