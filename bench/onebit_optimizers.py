@@ -33,12 +33,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from bench.report import markdown_table, write_result
+from sgdjob.api.types import TrainingSpec
+from sgdjob.compression import ErrorFeedback, decode_into
+from sgdjob.optim import LocalUpdate, SliceOptimizer
 
 WORKERS = 2
 BATCH = 32
@@ -70,31 +72,12 @@ def _model(hidden: list[int]) -> torch.nn.Sequential:
     return torch.nn.Sequential(*layers, torch.nn.Linear(width, 10))
 
 
-class _Adam:
-    """torch's Adam driven on a flat vector: ``step(g)`` returns the update it would add."""
-
-    def __init__(self, n: int) -> None:
-        self.p = torch.nn.Parameter(torch.zeros(n))
-        self.opt = torch.optim.Adam([self.p], lr=LR, foreach=False)
-
-    def step(self, g: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            self.p.zero_()
-        self.p.grad = g
-        self.opt.step()
-        return self.p.detach().clone()
-
-
-def _onebit(codecs: list[object], w: int, v: torch.Tensor) -> torch.Tensor:
-    """What the receiver reconstructs from worker ``w``'s 1-bit message of ``v``."""
-    from sgdjob.compression import ErrorFeedback, decode_into
-
-    ef = codecs[w]
-    assert isinstance(ef, ErrorFeedback)
+def _decoded(ef: ErrorFeedback, v: torch.Tensor) -> np.ndarray:
+    """What the receiver reconstructs from one 1-bit message of ``v`` (error feedback on)."""
     enc = ef.encode(v.numpy())
     out = np.zeros(v.numel(), np.float32)
     decode_into(out, enc.bits, enc.scales, count=v.numel(), bucket_size=BUCKET)
-    return torch.from_numpy(out)
+    return out
 
 
 def run(
@@ -105,38 +88,41 @@ def run(
     data: tuple[torch.Tensor, ...],
     eval_every: int,
 ) -> list[float]:
-    """Test accuracy every ``eval_every`` steps (and after the last) of one variant."""
-    from sgdjob.compression import ErrorFeedback
+    """Test accuracy every ``eval_every`` steps (and after the last) of one variant.
 
+    The rules are sgdjob's own: the shard's ``SliceOptimizer`` over the whole vector, and each
+    worker's ``LocalUpdate`` (``compression.send: updates``)."""
     xtr, ytr, xte, yte = data
     model = _model(hidden)
     params = list(model.parameters())
-    x = torch.nn.utils.parameters_to_vector(params).detach().clone()
-    n = x.numel()
-    codecs: list[object] = [ErrorFeedback(n, BUCKET) for _ in range(WORKERS)]
-    shard = _Adam(n)
-    local = [_Adam(n) for _ in range(WORKERS)]
+    x = torch.nn.utils.parameters_to_vector(params).detach().numpy().copy()
+    n = x.shape[0]
+    spec = TrainingSpec.model_validate({"maxSteps": steps, "optimizer": "adam", "lr": LR})
+    shard = SliceOptimizer(x, trainable=n, spec=spec)
+    local = [LocalUpdate(trainable=n, spec=spec) for _ in range(WORKERS)]
+    codecs = [ErrorFeedback(n, BUCKET) for _ in range(WORKERS)]
     gen = torch.Generator().manual_seed(1)
     accuracy: list[float] = []
 
     def grad() -> torch.Tensor:
         idx = torch.randint(0, xtr.shape[0], (BATCH,), generator=gen)
-        torch.nn.utils.vector_to_parameters(x, params)
+        torch.nn.utils.vector_to_parameters(torch.from_numpy(x), params)
         model.zero_grad()
         torch.nn.functional.cross_entropy(model(xtr[idx]), ytr[idx]).backward()
         return torch.cat([p.grad.flatten() for p in params])  # type: ignore[union-attr]
 
-    send: Callable[[int, torch.Tensor], torch.Tensor] = lambda w, v: _onebit(codecs, w, v)  # noqa: E731
     for t in range(1, steps + 1):
         gs = [grad() for _ in range(WORKERS)]
         if variant == "fp32":
-            x += shard.step(sum(gs) / WORKERS)
+            shard.step((sum(gs) / WORKERS).numpy(), lr=LR)
         elif variant == "onebit-grad":
-            x += shard.step(sum(send(w, g) for w, g in enumerate(gs)) / WORKERS)
-        else:  # onebit-update
-            x += sum(send(w, local[w].step(g)) for w, g in enumerate(gs)) / WORKERS
+            shard.step(sum(_decoded(codecs[w], g) for w, g in enumerate(gs)) / WORKERS, lr=LR)
+        else:  # onebit-update: each worker's step, 1-bit; the shard subtracts the average
+            for w, g in enumerate(gs):
+                local[w].apply(torch.from_numpy(x), g, lr=LR)  # g becomes the descent
+            x -= sum(_decoded(codecs[w], g) for w, g in enumerate(gs)) / WORKERS
         if t % eval_every == 0 or t == steps:
-            torch.nn.utils.vector_to_parameters(x, params)
+            torch.nn.utils.vector_to_parameters(torch.from_numpy(x), params)
             with torch.no_grad():
                 accuracy.append(float((model(xte).argmax(1) == yte).float().mean()))
     return accuracy
