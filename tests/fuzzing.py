@@ -185,7 +185,7 @@ HEADER_CHECKS: list[tuple[str, Mutate]] = [
         lambda r, w: ((w[0] + r.rng.randbytes(r.rng.randint(1, 9)), w[1]), E.TRUNCATED),
     ),
     ("bad magic", field_to("magic", bad_magic, code=E.BAD_MAGIC)),
-    ("another protocol version", field_to("proto_version", 0, 1, 3, U16, code=E.BAD_VERSION)),
+    ("another protocol version", field_to("proto_version", 0, 1, 2, 4, U16, code=E.BAD_VERSION)),
     ("unknown op", field_to("op", 0, 9, 10, U8, code=E.BAD_OP)),
     ("a reply op", field_to("op", Op.WELCOME, Op.PARAMS, Op.ERROR, code=E.BAD_OP)),
     ("unknown dtype", field_to("dtype", 3, U8, code=E.BAD_DTYPE)),

@@ -226,19 +226,19 @@ def invalid_because(rig: Rig, wire: Wire, version_before: int, steps: int | None
             return f"report: {err}"
     if h.op != Op.PUSH:
         return None
-    whole = (h.offset, h.count) == (0, rig.count)
     inside = h.count > 0 and h.offset + h.count <= rig.count  # a part: overlap with backward
-    if not (whole if rig.onebit else inside) or h.version > version_before:
+    if not inside or h.version > version_before:
         return f"push of [{h.offset}, +{h.count}) at version {h.version}"
     if len(frames) != h.nframes or sum(sizes) != h.nbytes:
         return f"frames {sizes} for {h.nframes} frames, {h.nbytes} bytes"
     if rig.onebit:
         if (h.dtype, h.compression, h.bucket_size) != (DType.ONEBIT, Compression.ONEBIT, BUCKET):
             return f"1-bit push as {h.dtype.name}/{h.compression.name}/{h.bucket_size}"
-        # [bits, scales] of the trainable part, then the buffers' float32 (if the slice has any)
-        t, buffers = rig.split.trainable, rig.split.buffers
+        # [bits, scales] of the range's trainable part, then its buffers' float32 (if any)
+        t = max(0, min(h.offset + h.count, rig.split.trainable) - h.offset)
+        buffers = h.count - t
         if len(frames) < 2 or (len(frames) > 2) != (buffers > 0):
-            return f"{len(frames)} frames for a slice with {buffers} buffer elements"
+            return f"{len(frames)} frames for a range with {buffers} buffer elements"
         try:
             validate_payload(frames[0], frames[1], count=t, bucket_size=BUCKET)
         except CompressionError as err:

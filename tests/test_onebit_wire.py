@@ -3,6 +3,7 @@ trainable part (``sgdjob.onebit_wire``), and whole jobs in every mode."""
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import numpy as np
@@ -382,3 +383,99 @@ def test_a_server_to_worker_update_gives_the_worker_the_shards_exact_buffers() -
         np.testing.assert_array_equal(params[TRAINABLE:], shard.params[TRAINABLE:])
         np.testing.assert_array_equal(params[:TRAINABLE], shard.downlink.mirrors[0].mirror)
     assert not shard.stats.rejected
+
+
+# --- parts of a slice, pushed during backward (sgdjob.overlap) -----------------------------
+
+
+def part_frames(ef: ErrorFeedback, grad: np.ndarray, start: int, end: int) -> list[bytes]:
+    """What a worker sends for ``[start, end)`` of the slice: its real encoder, with ``ef``."""
+    split = SliceSplit(count=COUNT, trainable=TRAINABLE).part(start, end)
+    g = torch.from_numpy(grad[start:end].copy())
+    frames, _ = push_frames(ef, g, split=split, chunk_bytes=1 << 20, at=start)
+    return [bytes(f) for f in frames]
+
+
+def part_push(worker: int, frames: list[bytes], start: int, end: int) -> Incoming:
+    h = Header(
+        op=Op.PUSH,
+        token=TOKEN,
+        worker=worker,
+        version=0,
+        step=0,
+        offset=start,
+        count=end - start,
+        nbytes=sum(map(len, frames)),
+        nframes=len(frames),
+        dtype=DType.ONEBIT,
+        compression=Compression.ONEBIT,
+        bucket_size=BUCKET,
+    )
+    return msg(h, frames, ident=b"w%d" % worker)
+
+
+def whole_then_parts(
+    cuts: dict[int, list[int]], mode: str = "sync"
+) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Parameters after one step of whole pushes and after the same step pushed in parts
+    cut at ``cuts[worker]`` (scrambled order), and the workers' residuals after the parts."""
+    grads = [G0, G1][: len(cuts)]
+    whole, _ = onebit_shard(trainable=TRAINABLE, workers=len(cuts), mode=mode)
+    for w, g in enumerate(grads):
+        ef = ErrorFeedback(TRAINABLE, BUCKET)
+        whole.handle(part_push(w, part_frames(ef, g, 0, COUNT), 0, COUNT))
+    parted, _ = onebit_shard(trainable=TRAINABLE, workers=len(cuts), mode=mode)
+    residuals: list[np.ndarray] = []
+    for w in reversed(range(len(grads))):  # the later worker's parts wait for their turn
+        ef = ErrorFeedback(TRAINABLE, BUCKET)
+        bounds = [0, *cuts[w], COUNT]
+        for a, b in reversed(list(itertools.pairwise(bounds))):  # backward: the last part first
+            parted.handle(part_push(w, part_frames(ef, grads[w], a, b), a, b))
+        residuals.insert(0, ef.residual.numpy().copy())
+    assert not whole.stats.rejected and not parted.stats.rejected
+    assert whole.version == parted.version == 1
+    return whole.params.copy(), parted.params.copy(), residuals
+
+
+def test_a_slice_pushed_in_bucket_aligned_parts_ends_on_the_whole_pushes_model_bit_for_bit() -> (
+    None
+):
+    # Parts cut at multiples of the codec bucket (8) encode as the whole slice does; the
+    # buffers (14..19) travel in a part of their own and in one that also holds trainables.
+    whole, parted, residuals = whole_then_parts({0: [8, 14], 1: [8]})
+    np.testing.assert_array_equal(parted, whole)
+    ef = ErrorFeedback(TRAINABLE, BUCKET)
+    ef.encode(torch.from_numpy(G0[:TRAINABLE].copy()))
+    np.testing.assert_array_equal(residuals[0], ef.residual.numpy())
+
+
+def test_parts_cut_differently_by_two_workers_are_still_summed_in_worker_order() -> None:
+    # Worker 1's part [0, 16) arrives first and waits; worker 0's [8, 16) lets its upper half
+    # be added before [0, 8) comes: that piece is decoded from the whole part into scratch.
+    whole, parted, _ = whole_then_parts({0: [8, 16], 1: [16]})
+    np.testing.assert_array_equal(parted, whole)
+
+
+def test_an_async_push_in_parts_is_applied_once_they_cover_the_slice() -> None:
+    whole, parted, _ = whole_then_parts({0: [8, 14]}, mode="async")
+    np.testing.assert_array_equal(parted, whole)
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "frames", "code"),
+    [
+        (14, 20, [b"", b""], ErrorCode.BAD_PAYLOAD),  # buffers only, their frame missing
+        (8, 14, [b"\0", bytes(8), bytes(24)], ErrorCode.BAD_PAYLOAD),  # raw frames, no buffers
+        (8, 14, [b"\0\0", bytes(8)], ErrorCode.BAD_PAYLOAD),  # 6 elements: one byte of bits
+        (16, 24, [b"", b"", bytes(32)], ErrorCode.BAD_RANGE),  # past the slice
+        (4, 4, [b"", b""], ErrorCode.BAD_RANGE),  # empty
+    ],
+)
+def test_a_part_laid_out_for_another_range_is_refused_and_changes_nothing(
+    start: int, end: int, frames: list[bytes], code: ErrorCode
+) -> None:
+    shard, _ = onebit_shard(trainable=TRAINABLE)
+    before = shard.checksum()
+    shard.handle(part_push(0, frames, start, end))
+    assert dict(shard.stats.rejected) == {code.name: 1}
+    assert shard.checksum() == before and 0 not in shard.pending

@@ -12,8 +12,9 @@ from torch import nn
 
 from sgdjob.api.validation import parse_job
 from sgdjob.models import FlatModel
-from sgdjob.overlap import MIB, OverlapPusher, build_buckets, fallback_reason
+from sgdjob.overlap import MIB, OverlapPusher, Unit, build_buckets, fallback_reason, plan_units
 from sgdjob.precision import Precision
+from sgdjob.slicing import Slice, partition
 from sgdjob.tasks import load_task
 from sgdjob.worker import compute_gradient
 from tests.conftest import job_doc
@@ -22,15 +23,18 @@ from tests.conftest import job_doc
 class FakeClient:
     """Records each pushed range and what backward had computed when it went out."""
 
-    def __init__(self, flat: FlatModel, watch: torch.Tensor) -> None:
+    def __init__(self, flat: FlatModel, watch: torch.Tensor, shards: int = 1) -> None:
         self.flat, self.watch = flat, watch
+        self.slices = partition(flat.size, shards)
         self.pushes: list[tuple[int, int, bool]] = []
+        self.shards: list[int] = []
 
-    def push_range(
-        self, grads: np.ndarray, start: int, end: int, *, versions: list[int], step: int
+    def push_part(
+        self, grads: Any, shard: int, start: int, end: int, *, version: int, step: int
     ) -> None:
-        assert versions == [3] and step == 5
+        assert version == 3 and step == 5
         assert grads is not None
+        self.shards.append(shard)
         self.pushes.append((start, end, bool(self.watch.grad.abs().sum() > 0)))  # type: ignore[union-attr]
 
 
@@ -53,12 +57,20 @@ class Spare(nn.Module):
         return self.body(x)
 
 
-def step(model: nn.Module, *, cap_bytes: int = 300) -> tuple[FlatModel, FakeClient, OverlapPusher]:
+def step(
+    model: nn.Module, *, cap_bytes: int = 300, shards: int = 1, align: int | None = None
+) -> tuple[FlatModel, FakeClient, OverlapPusher]:
     flat = FlatModel(model, torch.device("cpu"))
     first = flat.trainable_params[0]  # the first layer: backward reaches it last
-    client = FakeClient(flat, first)
-    pusher = OverlapPusher(flat, client, host_grads=flat.grads, bucket_mb=cap_bytes / MIB)  # type: ignore[arg-type]
-    pusher.arm(versions=[3], step=5)
+    client = FakeClient(flat, first, shards)
+    pusher = OverlapPusher(
+        flat,
+        client,  # type: ignore[arg-type]
+        host_grads=flat.grads,
+        bucket_mb=cap_bytes / MIB,
+        align=align,
+    )
+    pusher.arm(versions=[3] * shards, step=5)
     task = load_task(parse_job(job_doc()).spec.training)
     x, y = torch.randn(6, 8), torch.randint(0, 4, (6,))
     compute_gradient(
@@ -94,6 +106,56 @@ def test_the_pushed_ranges_cover_the_gradient_once_buffers_first() -> None:
     assert (covered == 1).all()
 
 
+def test_units_are_the_buckets_cut_where_the_shards_slices_meet() -> None:
+    buckets = [(15, 20, [2]), (5, 15, [1]), (0, 5, [0])]
+    slices = [Slice(0, 0, 12), Slice(1, 12, 10)]  # 20 trainable elements, then 2 buffers
+    got = plan_units(buckets, slices, trainable=20, align=None)
+    assert got == [
+        Unit(0, 0, 5, (2,)),
+        Unit(0, 5, 12, (1,)),
+        Unit(1, 12, 15, (1,)),
+        Unit(1, 15, 20, (0,)),
+        Unit(1, 20, 22, ()),  # the buffers: no bucket to wait for
+    ]
+
+
+def test_one_bit_units_start_at_multiples_of_the_codec_bucket_from_their_slice() -> None:
+    buckets = [(15, 20, [2]), (5, 15, [1]), (0, 5, [0])]
+    slices = [Slice(0, 0, 12), Slice(1, 12, 10)]
+    got = plan_units(buckets, slices, trainable=20, align=4)
+    # Cuts 5 and 15 move up to 8 (slice 0: 0 + 2 x 4) and 16 (slice 1: 12 + 4); a unit
+    # waits for every bucket it touches, and the slice's last unit ends where it ends.
+    assert got == [
+        Unit(0, 0, 8, (1, 2)),
+        Unit(0, 8, 12, (1,)),
+        Unit(1, 12, 16, (0, 1)),
+        Unit(1, 16, 20, (0,)),
+        Unit(1, 20, 22, ()),
+    ]
+
+
+@pytest.mark.parametrize("align", [None, 8, 40])
+def test_every_unit_goes_out_once_after_all_its_buckets_cover_the_vector_exactly(
+    align: int | None,
+) -> None:
+    flat, client, pusher = step(net(bn=True), cap_bytes=200, shards=3, align=align)
+    assert len(client.pushes) == len(pusher.units)
+    covered = np.zeros(flat.size, int)
+    for shard, (a, b, _) in zip(client.shards, client.pushes, strict=True):
+        s = client.slices[shard]
+        assert s.offset <= a < b <= s.end
+        if align is not None and a < flat.trainable:
+            assert (a - s.offset) % align == 0
+        covered[a:b] += 1
+    assert (covered == 1).all()
+    # A unit went out only once the parameters under it had their gradient, so the first
+    # layer's gradient (watched) was there for every unit that reaches into it.
+    first_end = flat.trainable_params[0].numel()
+    for a, _, done in client.pushes:
+        if a < first_end:
+            assert done
+
+
 def test_a_parameter_without_a_gradient_does_not_hold_its_bucket_back() -> None:
     flat, client, pusher = step(Spare(), cap_bytes=1 << 20)
     assert len(pusher.buckets) == 1
@@ -107,7 +169,7 @@ def test_a_parameter_without_a_gradient_does_not_hold_its_bucket_back() -> None:
         ({"bucketMB": 0}, {}, "bucketMB is 0"),
         ({"gradClipNorm": 1.0}, {}, "gradClipNorm"),
         ({"mode": "downpour"}, {}, "downpour"),
-        ({}, {"kind": "onebit"}, "1-bit"),
+        ({}, {"kind": "onebit", "send": "updates"}, "send: updates"),
     ],
 )
 def test_jobs_whose_buckets_are_not_final_in_the_hook_push_after_backward(
@@ -148,6 +210,33 @@ def test_a_sync_run_with_overlap_ends_bit_for_bit_on_the_parameters_of_one_witho
     assert summary["version"] == 30
     m1, m2 = torch.load(plain / "model.pt"), torch.load(over / "model.pt")
     assert m1.keys() == m2.keys()
+    for k in m1:
+        assert torch.equal(m1[k], m2[k]), k
+
+
+ONEBIT = {"kind": "onebit", "bucketSize": 64, "errorFeedback": True, "serverToWorker": True}
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_one_bit_run_with_overlap_ends_bit_for_bit_on_the_parameters_of_one_without(
+    run_job: Any, mode: str
+) -> None:
+    # Parts encoded in the hooks, each with its range of the residual, carry the bits and
+    # scales of one whole-slice encode, so sync ends on the very same model (async: one
+    # worker, so its pushes apply in the same order too).
+    def doc(name: str, bucket_mb: float) -> dict[str, Any]:
+        d = sync_doc(name, bucket_mb, mode=mode)
+        d["spec"]["compression"] = ONEBIT
+        if mode == "async":
+            d["spec"]["workers"]["replicas"] = 1
+        return d
+
+    _, plain = run_job(doc("plain1", 0), subdir="a")
+    summary, over = run_job(doc("over1", 0.002), subdir="b")
+    assert summary["version"] == 30
+    assert "gradient buckets during backward" in (over / "logs" / "worker-0.log").read_text()
+    assert "during backward" not in (plain / "logs" / "worker-0.log").read_text()
+    m1, m2 = torch.load(plain / "model.pt"), torch.load(over / "model.pt")
     for k in m1:
         assert torch.equal(m1[k], m2[k]), k
 

@@ -4,8 +4,8 @@ One DEALER per shard. Requests go out to all shards before any reply is read, so
 work in parallel, and replies are taken in the order they arrive, so each slice is copied in
 as soon as its shard answers. Received parameter frames are copied exactly once, into the
 caller's flat host buffer; outgoing gradient slices are zero-copy views whose trackers are
-awaited before the caller may overwrite the buffer (``wait_sent``). ``push_range`` sends one
-bucket of the gradient (the part of it in each shard's slice) while backward still runs.
+awaited before the caller may overwrite the buffer (``wait_sent``). ``push_part`` sends one
+part of a slice that backward finished while the rest of backward still runs.
 
 In a 1-bit job each slice travels as ``sgdjob.onebit_wire`` lays it out: the trainable part
 1-bit with this worker's error feedback, the buffers (BatchNorm statistics) raw float32, both
@@ -238,61 +238,60 @@ class ShardClient:
         travel, then the slice's buffer changes as float32 (zero-copy from host memory).
         """
         self.wait_sent()
-        for k, (ep, s, version) in enumerate(
-            zip(self.endpoints, self.slices, versions, strict=True)
-        ):
-            part = grads[s.offset : s.end]
-            if self.onebit:
-                frames, borrowed = push_frames(
-                    self.efs[k], part, split=self.split(s), chunk_bytes=self.chunk_bytes
-                )
-                h = self._header(
-                    Op.PUSH,
-                    k,
-                    version=version,
-                    step=step,
-                    offset=s.offset,
-                    count=s.count,
-                    nbytes=sum(f.nbytes for f in frames),
-                    nframes=len(frames),
-                    dtype=DType.ONEBIT,
-                    compression=Compression.ONEBIT,
-                    bucket_size=self.bucket_size,
-                )
-                tracker = ep.send(h, frames, track=borrowed)
-                if tracker is not None:
-                    self.trackers.append(tracker)
-                continue
-            assert isinstance(part, np.ndarray), "float32 pushes come from host memory"
-            self._push_float(k, part, s.offset, version=version, step=step)
-
-    def push_range(
-        self, grads: np.ndarray, start: int, end: int, *, versions: list[int], step: int
-    ) -> None:
-        """float32: send each shard the part of ``grads[start:end]`` in its slice (a bucket
-        that backward finished), zero-copy; the caller must not write those elements until
-        ``wait_sent``. The shard closes the step once a worker's parts cover its slice."""
         for k, (s, version) in enumerate(zip(self.slices, versions, strict=True)):
-            a, b = max(start, s.offset), min(end, s.end)
-            if a < b:
-                self._push_float(k, grads[a:b], a, version=version, step=step)
+            self.push_part(grads, k, s.offset, s.end, version=version, step=step)
 
-    def _push_float(
-        self, k: int, part: np.ndarray, offset: int, *, version: int, step: int
+    def push_part(
+        self,
+        grads: np.ndarray | torch.Tensor,
+        shard: int,
+        start: int,
+        end: int,
+        *,
+        version: int,
+        step: int,
     ) -> None:
-        frames = vector_frames(part, self.chunk_bytes)
+        """Send shard ``shard`` the elements ``[start, end)`` of ``grads`` (inside its slice),
+        as ``push`` sends a whole slice: a part that backward finished (``sgdjob.overlap``).
+        The caller must not write those elements until ``wait_sent``. In a 1-bit job a part
+        with trainable elements should start at a multiple of ``bucket_size`` from the slice's
+        start, so that the parts encode as the whole slice would (any start decodes right).
+        The shard closes the step once a worker's parts cover its slice."""
+        s = self.slices[shard]
+        if not s.offset <= start < end <= s.end:
+            raise ValueError(f"part [{start}, {end}) outside shard {shard}'s slice")
+        part = grads[start:end]
+        if not self.onebit:
+            assert isinstance(part, np.ndarray), "float32 pushes come from host memory"
+            frames: list[memoryview] = vector_frames(part, self.chunk_bytes)
+            borrowed = True
+            kw: dict[str, object] = {"dtype": DType.FLOAT32}
+        else:
+            at = start - s.offset
+            frames, borrowed = push_frames(
+                self.efs[shard],
+                part,
+                split=self.split(s).part(at, end - s.offset),
+                chunk_bytes=self.chunk_bytes,
+                at=at,
+            )
+            kw = {
+                "dtype": DType.ONEBIT,
+                "compression": Compression.ONEBIT,
+                "bucket_size": self.bucket_size,
+            }
         h = self._header(
             Op.PUSH,
-            k,
+            shard,
             version=version,
             step=step,
-            offset=offset,
-            count=part.shape[0],
-            nbytes=part.shape[0] * 4,
+            offset=start,
+            count=end - start,
+            nbytes=sum(f.nbytes for f in frames),
             nframes=len(frames),
-            dtype=DType.FLOAT32,
+            **kw,
         )
-        tracker = self.endpoints[k].send(h, frames, track=True)
+        tracker = self.endpoints[shard].send(h, frames, track=borrowed)
         if tracker is not None:
             self.trackers.append(tracker)
 

@@ -345,6 +345,17 @@ class ErrorFeedback:
             raise CompressionError(f"g has shape {tuple(g.shape)}, expected ({self.count},)")
         return quantize(g, self.bucket_size, residual=self.residual if self.enabled else None)
 
+    def encode_range(self, g: Vector, start: int) -> Encoded:
+        """Encode ``g`` as elements ``[start, start + len(g))`` of the stream, with that range
+        of the residual: a part pushed while backward still runs (``sgdjob.overlap``). Its
+        buckets start at ``start``, so parts cut at multiples of ``bucket_size`` encode to the
+        bits and scales of one whole encode, and leave the same residual."""
+        end = start + g.shape[0]
+        if not 0 <= start <= end <= self.count:
+            raise CompressionError(f"range [{start}, {end}) outside [0, {self.count})")
+        residual = self.residual[start:end] if self.enabled else None
+        return quantize(g, self.bucket_size, residual=residual)
+
     def rescale_lr(self, lr_prev: float, lr_now: float) -> None:
         """Keep the owed step ``lr * r`` fixed across a learning-rate change."""
         if not (math.isfinite(lr_prev) and math.isfinite(lr_now) and lr_prev > 0 and lr_now > 0):

@@ -10,11 +10,15 @@ buffer changes and values: a quantised change can drive a running variance below
 Both sides know the split without the header saying it: the slice (``offset``, ``count``,
 from the WELCOME) and the model's trainable count (both build the model from the same spec).
 ``SliceSplit.of`` computes it. This module owns the layout of one PUSH or one PARAMS update
-(``Flags.DELTA``) of a whole slice; the header's ``count`` is the whole slice, ``nbytes`` the
-sum of all frames:
+(``Flags.DELTA``). An update covers the whole slice. A PUSH covers the slice or, when the
+worker pushes while backward runs (``sgdjob.overlap``), a part of it: a sub-range whose own
+split (``SliceSplit.part``) says how many of its elements are trainable. The header's
+``count`` is the range, ``nbytes`` the sum of all frames; for a range of ``count`` elements
+of which ``trainable`` come first:
 
 * frame 0: the prefix's packed sign bits, frame 1: its scales (``sgdjob.compression``'s layout
-  for ``count = trainable`` elements of the slice);
+  for ``count = trainable`` elements, buckets counted from the range's first element; both
+  frames are empty in a part that holds buffer elements only);
 * frames 2 and on, only when the slice holds buffer elements: those elements as little-endian
   float32, in order, cut into non-empty frames of whole elements (``transport.vector_frames``,
   4 MiB each, as every float32 vector).
@@ -68,6 +72,12 @@ class SliceSplit:
     def buffers(self) -> int:
         return self.count - self.trainable
 
+    def part(self, start: int, end: int) -> SliceSplit:
+        """The split of the slice-local range ``[start, end)``."""
+        if not 0 <= start < end <= self.count:
+            raise ValueError(f"part [{start}, {end}) outside [0, {self.count})")
+        return SliceSplit(count=end - start, trainable=max(0, min(end, self.trainable) - start))
+
 
 @dataclass(frozen=True)
 class OnebitPayload:
@@ -75,13 +85,13 @@ class OnebitPayload:
 
     bits: np.ndarray
     scales: np.ndarray
-    # (slice-local start, float32 view) of every raw frame, covering [trainable, count)
+    # (start in the pushed range, float32 view) of every raw frame: [trainable, count)
     raw: list[tuple[int, np.ndarray]]
 
 
 def validate(frames: Sequence[Payload], *, split: SliceSplit, bucket_size: int) -> OnebitPayload:
-    """Check the payload frames of a whole-slice 1-bit message (their count and sum of bytes
-    already match the header: ``protocol.check_frames``)."""
+    """Check the payload frames of a 1-bit message over a range laid out as ``split`` (their
+    count and sum of bytes already match the header: ``protocol.check_frames``)."""
     if split.buffers == 0 and len(frames) != 2:
         raise ProtocolError(ErrorCode.BAD_PAYLOAD, "a 1-bit payload is [bits, scales]")
     if split.buffers and len(frames) < 3:
@@ -117,7 +127,8 @@ def validate(frames: Sequence[Payload], *, split: SliceSplit, bucket_size: int) 
 
 
 def decode_prefix(acc: Vector, payload: OnebitPayload, *, split: SliceSplit, bs: int) -> None:
-    """``acc[:trainable] += q`` for a slice-long ``acc`` (a validated payload cannot fail)."""
+    """``acc[:trainable] += q`` for an ``acc`` as long as the range (a validated payload
+    cannot fail)."""
     decode_into(
         acc[: split.trainable], payload.bits, payload.scales, count=split.trainable, bucket_size=bs
     )
@@ -126,8 +137,8 @@ def decode_prefix(acc: Vector, payload: OnebitPayload, *, split: SliceSplit, bs:
 def add_gradient(
     acc: np.ndarray, payload: OnebitPayload, *, split: SliceSplit, bucket_size: int, first: bool
 ) -> None:
-    """A push into a shard's slice-long accumulator: ``acc += payload``, or ``acc = payload``
-    when ``first`` (no contribution summed yet)."""
+    """A push into the range of a shard's accumulator it covers (``acc``, as long as the
+    range): ``acc += payload``, or ``acc = payload`` when ``first`` (nothing summed yet)."""
     if first:
         acc[: split.trainable].fill(0.0)
     decode_prefix(acc, payload, split=split, bs=bucket_size)
@@ -150,13 +161,16 @@ def apply_update(
 
 
 def push_frames(
-    ef: ErrorFeedback, grad: Vector, *, split: SliceSplit, chunk_bytes: int
+    ef: ErrorFeedback, grad: Vector, *, split: SliceSplit, chunk_bytes: int, at: int = 0
 ) -> tuple[list[memoryview], bool]:
-    """Encode a worker's gradient slice (on its device) for a PUSH; returns the frames and
-    whether any of them is a view of ``grad`` (then the send must be tracked and ``grad``
-    left alone until it is done). The error feedback covers the trainable prefix only."""
-    enc = ef.encode(grad[: split.trainable])
-    frames = [enc.bits.data, enc.scales.data]
+    """Encode a worker's gradient for a PUSH of a slice, or of the part of it that starts at
+    slice-local element ``at`` (``grad`` is that range, on the worker's device; ``split`` its
+    split). Returns the frames and whether any of them is a view of ``grad`` (then the send
+    must be tracked and ``grad`` left alone until it is done). The error feedback covers the
+    slice's trainable prefix only: ``ef`` counts from the slice's first element."""
+    enc = ef.encode_range(grad[: split.trainable], at) if split.trainable else None
+    empty = np.zeros(0, np.uint8).data
+    frames = [enc.bits.data, enc.scales.data] if enc is not None else [empty, empty]
     if not split.buffers:
         return frames, False
     rest = grad[split.trainable :]

@@ -16,7 +16,7 @@ Ops:
                             resume from (``step``), total vector size (``aux``)
   PUSH    worker -> shard   gradient computed on parameters ``version`` at worker ``step``,
                             for [offset, offset + count): the whole slice or a part of it
-                            (1-bit: the whole slice, laid out by ``sgdjob.onebit_wire``)
+                            (1-bit too, laid out by ``sgdjob.onebit_wire``)
   PULL    worker -> shard   ask for parameters of version >= ``version``; reply PARAMS
   PARAMS  shard -> worker   the shard's parameter slice at ``version``; flag FINISHED at the end;
                             flag DELTA: a 1-bit update laid out as a 1-bit PUSH
@@ -37,7 +37,9 @@ from enum import IntEnum, IntFlag
 MAGIC = b"SGDJ"
 # 2: in 1-bit jobs the buffer elements of a slice travel as raw float32 frames after the
 # 1-bit frames (sgdjob.onebit_wire); a version-1 peer would refuse or mis-size those messages.
-PROTOCOL_VERSION = 2
+# 3: a 1-bit PUSH may cover a part of the slice (pushed during backward, sgdjob.overlap); a
+# version-2 shard would refuse every such part.
+PROTOCOL_VERSION = 3
 TOKEN_BYTES = 16
 MAX_FRAME_BYTES = 16 << 20  # frames are cut to 1..16 MiB; anything larger is foreign
 MAX_FRAMES = 1 << 16

@@ -16,11 +16,12 @@ Modes (``spec.training.mode``):
   tau = version now - version the gradient was computed on; gradients with tau above
   ``maxStaleness`` are dropped and counted. Pulls are answered at once.
 
-With ``compression.kind: onebit`` a push is [packed sign bits, (mu-, mu+) per bucket] of the
-slice's trainable part, then its buffers as raw float32 (``sgdjob.onebit_wire``); it is
-validated whole on arrival, then decoded straight into the one float32 accumulator (sync: in
-worker order, from the kept 1/32-size frames; async: at once), never into a per-worker
-full-size copy. The buffers' part then follows the same rule as in a float32 job
+With ``compression.kind: onebit`` a push (of the slice, or of a part of it sent during
+backward) is [packed sign bits, (mu-, mu+) per bucket] of its trainable elements, then its
+buffers as raw float32 (``sgdjob.onebit_wire``); it is validated whole on arrival, then
+decoded straight into the one float32 accumulator (sync: in worker order, from the kept
+1/32-size frames; async: once the parts cover the slice), never into a per-worker full-size
+copy. The buffers' part then follows the same rule as in a float32 job
 (``sgdjob.optim``). With ``serverToWorker`` a pull is answered with the 1-bit update of the
 trainable part and the buffers' values (``sgdjob.downlink``); a worker's first pull after
 hello, and the final pull, get full float32 parameters.
@@ -42,7 +43,7 @@ import zmq
 from sgdjob.api.types import SGDJobSpec
 from sgdjob.checkpoint import ShardState
 from sgdjob.downlink import Downlink
-from sgdjob.onebit_wire import SliceSplit, add_gradient
+from sgdjob.onebit_wire import SliceSplit
 from sgdjob.optim import AppliedUpdates, SliceOptimizer
 from sgdjob.protocol import (
     ErrorCode,
@@ -58,7 +59,7 @@ from sgdjob.schedule import Schedule, equivalent_step
 from sgdjob.slicing import Slice
 from sgdjob.staleness import StalenessRule
 from sgdjob.stats import ShardStats
-from sgdjob.syncstep import Part, PartialPushes, PendingStep, float_push, onebit_push
+from sgdjob.syncstep import Part, PartialPushes, PendingStep, float_push, fold, onebit_push
 from sgdjob.transport import Incoming
 
 log = logging.getLogger("sgdjob.shard")
@@ -129,10 +130,7 @@ class Shard:
         # 1-bit jobs: the trainable part of the slice travels 1-bit, the buffers raw.
         self.split = split if self.onebit else None
         self.pending = PendingStep(
-            self._acc,
-            split=self.split,
-            bucket_size=comp.bucket_size,
-            eager=t.backup_workers == 0,
+            self._acc, bucket_size=comp.bucket_size, eager=t.backup_workers == 0
         )
         self.partial = PartialPushes(slice_.count)  # async: parts until they cover the slice
         self.pulls: list[PendingPull] = []
@@ -371,14 +369,8 @@ class Shard:
             self.stats.record_drop(h.worker)
             return
         self.flush_sends()
-        if self.split is not None and part.onebit is not None:  # one part: the whole slice
-            add_gradient(
-                self._acc, part.onebit, split=self.split, bucket_size=self.bucket_size, first=True
-            )
-        else:  # the optimizer steps the whole slice at once: gather the frames
-            for p in parts:
-                for start, grad in p.views:
-                    np.copyto(self._acc[start : start + grad.shape[0]], grad)
+        for p in parts:  # the optimizer steps the whole slice at once: gather the parts
+            fold(self._acc, p, p.start, p.end, first=True, bucket_size=self.bucket_size)
         factor = self.rule.factor(self._acc, tau=tau)
         self.opt.step(self._acc, lr=self.lr(), scale=factor)
         self._advance()

@@ -5,7 +5,7 @@ backward pass (``spec.training.bucketMB``), as several parts: disjoint sub-range
 together cover the slice. ``Coverage`` checks a part against what that worker already sent
 for the step (exactly the same range again is a re-send, kept once; a partial overlap is
 refused). ``PendingStep`` is sync mode's open step: it keeps each part as received
-(zero-copy frames; 1-bit frames are 1/32 of the slice's trainable part, plus its buffers as
+(zero-copy frames; 1-bit frames are 1/32 of the part's trainable elements, plus its buffers as
 float32) and sums it into the shard's accumulator as soon as it is that range's turn, in
 worker order, so the shard adds while the workers still compute and a fixed-seed run stays
 bit-for-bit reproducible: every element is ``g[w0] + g[w1] + ...`` over the step's
@@ -81,6 +81,7 @@ class Part:
     # float32: (slice-local start, view) of every frame, no copy; 1-bit: of the raw buffers
     views: list[tuple[int, np.ndarray]] = field(default_factory=list)
     onebit: OnebitPayload | None = None  # 1-bit: the validated views of the frames
+    split: SliceSplit | None = None  # 1-bit: the range's own split (``SliceSplit.part``)
 
 
 def float_part(start: int, frames: list[zmq.Frame]) -> Part:
@@ -119,19 +120,55 @@ def all_finite(arr: np.ndarray) -> bool:
 def onebit_push(
     h: Header, msg: Incoming, *, slice_: Slice, split: SliceSplit, bucket_size: int
 ) -> Part:
-    """Validate a 1-bit push of the whole slice (layout: ``sgdjob.onebit_wire``); the part
-    keeps the frames and their validated views."""
+    """Validate a 1-bit push of the slice or of a sub-range of it (layout:
+    ``sgdjob.onebit_wire``); the part keeps the frames and their validated views."""
     if h.dtype != DType.ONEBIT or h.compression != Compression.ONEBIT:
         raise ProtocolError(ErrorCode.BAD_DTYPE, "this job's gradients are 1-bit")
-    if h.offset != slice_.offset or h.count != slice_.count:
-        raise ProtocolError(ErrorCode.BAD_RANGE, "a 1-bit push covers the whole slice")
+    if h.count == 0:
+        raise ProtocolError(ErrorCode.BAD_RANGE, "a push covers at least one element")
+    check_range(h, offset=slice_.offset, count=slice_.count)
     if h.bucket_size != bucket_size:
         raise ProtocolError(
             ErrorCode.BAD_PAYLOAD, f"bucket size {h.bucket_size}, job uses {bucket_size}"
         )
     check_frames(h, msg.frame_sizes())
-    payload = validate([f.buffer for f in msg.frames], split=split, bucket_size=bucket_size)
-    return Part(0, slice_.count, list(msg.frames), payload.raw, payload)
+    start = h.offset - slice_.offset
+    part_split = split.part(start, start + h.count)
+    payload = validate([f.buffer for f in msg.frames], split=part_split, bucket_size=bucket_size)
+    raw = [(start + at, arr) for at, arr in payload.raw]
+    return Part(start, start + h.count, list(msg.frames), raw, payload, part_split)
+
+
+def fold(acc: np.ndarray, part: Part, a: int, b: int, *, first: bool, bucket_size: int) -> None:
+    """``acc[a:b] += part`` over ``[a, b)`` (slice-local, inside the part), or ``=`` when
+    ``first``. A 1-bit part decodes straight into the accumulator when it is folded whole, as
+    parts are when every worker cuts its gradient alike; a piece of one (parts that other
+    workers cut elsewhere) is decoded whole into a scratch array first, since its buckets
+    span the part."""
+    if part.onebit is not None and part.split is not None:
+        if (a, b) == (part.start, part.end):
+            add_gradient(
+                acc[a:b], part.onebit, split=part.split, bucket_size=bucket_size, first=first
+            )
+            return
+        scratch = np.empty(part.end - part.start, dtype=np.float32)
+        add_gradient(scratch, part.onebit, split=part.split, bucket_size=bucket_size, first=True)
+        piece = scratch[a - part.start : b - part.start]
+        if first:
+            np.copyto(acc[a:b], piece)
+        else:
+            acc[a:b] += piece
+        return
+    for at, view in part.views:
+        lo, hi = max(a, at), min(b, at + view.shape[0])
+        if lo >= hi:
+            continue
+        src = view[lo - at : hi - at]
+        dst = acc[lo:hi]
+        if first:
+            np.copyto(dst, src)
+        else:
+            dst += src
 
 
 class PartialPushes:
@@ -179,13 +216,10 @@ class _Segment:
 class PendingStep:
     """The open sync step: parts by worker, and the running sum in ``acc``."""
 
-    def __init__(
-        self, acc: np.ndarray, *, split: SliceSplit | None, bucket_size: int, eager: bool
-    ) -> None:
-        """``split``: how the slice's 1-bit pushes are laid out; None in a float32 job."""
+    def __init__(self, acc: np.ndarray, *, bucket_size: int, eager: bool) -> None:
+        """``bucket_size``: the 1-bit codec's, for the parts of a 1-bit job."""
         self.acc = acc
         self.count = acc.shape[0]
-        self.split = split
         self.bucket_size = bucket_size
         self.eager = eager
         self.parts: dict[int, list[Part]] = {}
@@ -263,25 +297,7 @@ class PendingStep:
             self.segments = _merge(out)
 
     def _fold(self, part: Part, a: int, b: int, *, first: bool) -> None:
-        if self.split is not None:
-            # 1-bit parts are whole slices (their quantisation buckets span the slice).
-            whole = (a, b) == (0, self.count) and (part.start, part.end) == (0, self.count)
-            if not whole or part.onebit is None:
-                raise RuntimeError("a 1-bit part must cover the whole slice")
-            add_gradient(
-                self.acc, part.onebit, split=self.split, bucket_size=self.bucket_size, first=first
-            )
-            return
-        for at, view in part.views:
-            lo, hi = max(a, at), min(b, at + view.shape[0])
-            if lo >= hi:
-                continue
-            src = view[lo - at : hi - at]
-            dst = self.acc[lo:hi]
-            if first:
-                np.copyto(dst, src)
-            else:
-                dst += src
+        fold(self.acc, part, a, b, first=first, bucket_size=self.bucket_size)
 
 
 def _merge(segments: list[_Segment]) -> list[_Segment]:

@@ -184,7 +184,13 @@ def run_worker(
     overlap: OverlapPusher | None = None
     reason = fallback_reason(spec, precision)
     if reason is None:
-        overlap = OverlapPusher(flat, client, host_grads=host.grads_t, bucket_mb=t.bucket_mb)
+        overlap = OverlapPusher(
+            flat,
+            client,
+            host_grads=host.grads_t,
+            bucket_mb=t.bucket_mb,
+            align=spec.compression.bucket_size if onebit else None,
+        )
         log.info(
             "worker %d: pushing %d gradient buckets during backward", index, len(overlap.buckets)
         )
