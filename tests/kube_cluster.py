@@ -61,22 +61,23 @@ class KubeCluster:
         so that deleting the Secret revokes it."""
         from kubernetes import client as k8s
 
-        spec: dict[str, Any] = {"expirationSeconds": seconds, "audiences": []}
-        if bound_secret is not None:
-            core = k8s.CoreV1Api(self.api)
-            secret = core.create_namespaced_secret(
-                CHART_NAMESPACE, {"metadata": {"name": bound_secret}}
-            )
-            spec["boundObjectRef"] = {
-                "kind": "Secret",
-                "apiVersion": "v1",
-                "name": bound_secret,
-                "uid": secret.metadata.uid,
-            }
         core = k8s.CoreV1Api(self.api)
-        got = core.create_namespaced_service_account_token(
-            CHART_SA, CHART_NAMESPACE, {"spec": spec}
+        bound = None
+        if bound_secret is not None:
+            secret = core.create_namespaced_secret(
+                CHART_NAMESPACE, k8s.V1Secret(metadata=k8s.V1ObjectMeta(name=bound_secret))
+            )
+            assert secret.metadata is not None
+            bound = k8s.V1BoundObjectReference(
+                kind="Secret", api_version="v1", name=bound_secret, uid=secret.metadata.uid
+            )
+        spec = k8s.V1TokenRequestSpec(
+            audiences=[], expiration_seconds=seconds, bound_object_ref=bound
         )
+        got = core.create_namespaced_service_account_token(
+            CHART_SA, CHART_NAMESPACE, k8s.AuthenticationV1TokenRequest(spec=spec)
+        )
+        assert got.status is not None
         return str(got.status.token)
 
 
@@ -135,6 +136,7 @@ def kube_cluster() -> Iterator[KubeCluster]:
     cfg = k8s.Configuration()
     k8s_config.load_kube_config(config_file=str(KUBECONFIG), client_configuration=cfg)
     ca = Path(tempfile.mkdtemp(prefix="sgdjob-ca-")) / "ca.crt"
+    assert cfg.ssl_ca_cert is not None, "the kubeconfig names no CA"
     with open(cfg.ssl_ca_cert, "rb") as src:
         ca.write_bytes(src.read())
     api = k8s.ApiClient(cfg)
@@ -151,7 +153,7 @@ def new_namespace(cluster: KubeCluster, *, labels: dict[str, str] | None = None)
 
     name = f"t-{uuid.uuid4().hex[:10]}"
     k8s.CoreV1Api(cluster.api).create_namespace(
-        {"metadata": {"name": name, "labels": labels or {}}}
+        k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=name, labels=labels or {}))
     )
     return name
 
