@@ -12,6 +12,7 @@ import time
 
 BENCHES = [
     "transport",
+    "curve",
     "sync_vs_ddp",
     "compression",
     "time_to_accuracy",

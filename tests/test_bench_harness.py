@@ -178,3 +178,24 @@ def test_a_split_job_trains_across_the_namespaces(tmp_path: Path) -> None:
     assert summary["version"] == 4
     ready = json.loads((tmp_path / ".sgdjob" / "ready-0.json").read_text())
     assert ready["endpoint"].startswith(f"tcp://{link.addrs[0]}:")
+
+
+def test_the_curve_bench_times_the_libsodium_libzmq_uses_and_its_boxes_open() -> None:
+    import ctypes
+
+    import zmq
+    from bench.curve import FRAME, ZEROBYTES, find_libsodium, measure
+
+    if not zmq.has("curve"):
+        pytest.skip("this libzmq has no CURVE")
+    lib = find_libsodium()
+    assert lib is not None
+    rates = measure(lib)  # opens every box it sealed, or raises
+    assert all(r > 0 for r in rates.values())
+    # A flipped bit in the box is refused: what is timed is authenticated decryption.
+    n = ZEROBYTES + FRAME
+    plain, box, out = (ctypes.create_string_buffer(n) for _ in range(3))
+    key, nonce, size = ctypes.create_string_buffer(32), ctypes.create_string_buffer(24), n
+    assert lib.crypto_box_afternm(box, plain, ctypes.c_ulonglong(size), nonce, key) == 0
+    box[100] = bytes([box.raw[100] ^ 1])
+    assert lib.crypto_box_open_afternm(out, box, ctypes.c_ulonglong(size), nonce, key) != 0

@@ -2,13 +2,17 @@
 
 What is measured: 2 workers training the ~10M-parameter MLP of ``bench.common.mlp_workload``
 (10,506,250 parameters, the model of ``bench.ddp``) in sync mode with one parameter-server
-shard, three ways, and the torch DDP (gloo, CPU) baseline with the same model, batch, worker
-count and steps:
+shard unless said otherwise, five ways, and the torch DDP (gloo, CPU) baseline with the same
+model, batch, worker count and steps:
 
 - ``fp32``: no compression (``compression.kind: none``);
 - ``onebit``: gradients pushed as 1-bit with error feedback, bucket 512, parameters pulled
   back as fp32 (``serverToWorker: false``, the default);
-- ``onebit + serverToWorker``: the shards also send 1-bit parameter updates back.
+- ``onebit + serverToWorker``: the shards also send 1-bit parameter updates back;
+- the same with ``bucketMB: 0`` (*after backward*): the worker encodes and pushes each slice
+  whole after backward instead of in parts from autograd's hooks, to show what that overlap
+  buys;
+- the same with 2 shards, both on the shard side of the link.
 
 On three links:
 
@@ -59,15 +63,20 @@ from sgdjob.protocol import HEADER_SIZE
 
 HIDDEN, LAYERS, WORKERS, BUCKET = 1024, 10, 2, 512
 FP32, DDP = "sgdjob fp32", "torch DDP (gloo)"
+ONEBIT = {"kind": "onebit", "bucketSize": BUCKET, "errorFeedback": True}
+BOTH_WAYS = {**ONEBIT, "serverToWorker": True}
+# name -> the spec's compression, and what else differs from 1 shard with bucketMB 25.
 VARIANTS: dict[str, dict[str, Any]] = {
-    FP32: {"kind": "none"},
-    "sgdjob onebit": {"kind": "onebit", "bucketSize": BUCKET, "errorFeedback": True},
-    "sgdjob onebit + serverToWorker": {
-        "kind": "onebit",
-        "bucketSize": BUCKET,
-        "errorFeedback": True,
-        "serverToWorker": True,
+    FP32: {"compression": {"kind": "none"}},
+    "sgdjob onebit": {"compression": ONEBIT},
+    "sgdjob onebit + serverToWorker": {"compression": BOTH_WAYS},
+    # The same without pushing during backward: what the overlap of 1-bit parts buys.
+    "sgdjob onebit + serverToWorker, after backward": {
+        "compression": BOTH_WAYS,
+        "bucketMB": 0,
     },
+    # Two shards on the same side of the link: each decodes, steps and encodes half.
+    "sgdjob onebit + serverToWorker, 2 shards": {"compression": BOTH_WAYS, "shards": 2},
 }
 HEADERS = [
     "link",
@@ -98,9 +107,11 @@ def sgdjob_row(
         batch=args.batch,
         steps=args.warmup + steps,
         workers=WORKERS,
-        shards=1,
+        shards=VARIANTS[name].get("shards", 1),
     )
-    spec["compression"] = VARIANTS[name]
+    spec["compression"] = VARIANTS[name]["compression"]
+    if "bucketMB" in VARIANTS[name]:
+        spec["training"]["bucketMB"] = VARIANTS[name]["bucketMB"]
     doc = job("compression-e2e", spec)
     if veth is None:
         summary = run_split_job(doc, out)
@@ -111,10 +122,12 @@ def sgdjob_row(
     rate = steady_rate(out, warmup=args.warmup, workers=WORKERS, batch=args.batch)
     total = args.warmup + steps
     first_pull = 4 * mlp_params(HIDDEN, LAYERS) + HEADER_SIZE
+    # Shard 0's counter holds its slice's share: about 1/shards of every push (equal slices).
+    shards = int(spec["parameterServers"]["shards"])
     return {
         "samples_per_s": rate.samples_per_s,
         "step_ms": rate.step_ms,
-        "sent": summary["shard0BytesReceived"] / (WORKERS * total),
+        "sent": shards * summary["shard0BytesReceived"] / (WORKERS * total),
         "received": (summary["workerStats"]["1"]["bytesReceived"] - first_pull) / (total - 1),
     }
 
@@ -223,12 +236,15 @@ def main(argv: list[str] | None = None) -> str:
     body += (
         f"\n\nMLP 1024 x {LAYERS} + head ({n:,} parameters, {4 * n / 1e6:.1f} MB as fp32, "
         f"{wire_nbytes(n, BUCKET) / 1e6:.2f} MB as 1-bit at bucket {BUCKET}), "
-        f"{WORKERS} workers, batch {args.batch} per worker, sync, 1 shard, plain SGD, CPU, "
+        f"{WORKERS} workers, batch {args.batch} per worker, sync, 1 shard (unless the row "
+        "says 2), plain SGD, CPU, bucketMB 25 (1-bit parts pushed during backward; *after "
+        "backward*: bucketMB 0), "
         "torch threads 1 per process. *samples/s*, *step ms*: the timed steps after the "
         f"warm-up in every row (start-up excluded alike), median of {args.rounds} interleaved "
         "rounds (*min-max*: samples/s over the rounds). *x sgdjob fp32*, *x DDP*: samples/s "
         "over that row's on the same link. *sent MB/step/worker*: the shard's received-bytes "
-        "counter over workers x steps (headers, hello and reports included); *received*: "
+        "counter over workers x steps (headers, hello and reports included; with 2 shards, "
+        "shard 0's times 2); *received*: "
         "worker 1's received-bytes counter less its first pull (the full fp32 vector every "
         "variant starts from) over the other steps. DDP (not counted by gloo): a 2-rank "
         "ring all-reduce sends and receives "
