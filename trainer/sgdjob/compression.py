@@ -44,6 +44,7 @@ or (one copy cheaper, and exact) ``sgdjob.mirror.ParameterMirror``.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -57,8 +58,9 @@ CODEC_VERSION = 1
 
 _SCALES_DTYPE = np.dtype("<f4")
 # CPU kernels walk the vector in runs of about this many elements (whole buckets) so their
-# temporaries stay in cache; large fresh temporaries cost page faults that dominate runtime.
-_HOST_CHUNK_ELEMENTS = 1 << 16
+# temporaries stay in cache (1 MiB per float32 buffer: L2 or L3); large fresh temporaries cost page
+# faults that dominate runtime, and much shorter runs pay Python's per-call overhead too often.
+_HOST_CHUNK_ELEMENTS = 1 << 18
 # Accelerators decode in bigger runs: fewer kernel launches, still bounded temporaries.
 _DEVICE_CHUNK_ELEMENTS = 1 << 22
 
@@ -153,6 +155,11 @@ def _chunks(count: int, bucket_size: int, target: int) -> Iterator[tuple[int, in
         yield e0 // bucket_size, e0, min(count, e0 + span)
 
 
+def _span(chunks: list[tuple[int, int, int]]) -> int:
+    """Elements in the longest run of ``_chunks`` (the first one)."""
+    return chunks[0][2] - chunks[0][1] if chunks else 0
+
+
 def _bucket_views(x: Any, bucket_size: int) -> list[Any]:
     """A run of elements as 2-D views: (full buckets, bucket_size), then (1, partial tail)."""
     n = x.shape[0]
@@ -163,7 +170,7 @@ def _bucket_views(x: Any, bucket_size: int) -> list[Any]:
     return views
 
 
-def _means(pos_sum: Any, neg_sum: Any, n_pos: Any, width: int) -> tuple[Any, Any]:
+def _means(pos_sum: Any, neg_sum: Any, n_pos: Any, width: Any) -> tuple[Any, Any]:
     """float64 sums and counts -> (mu_minus, mu_plus); an empty side divides 0 by 1, giving 0.
 
     Each side is summed on its own (not total - positive): a difference of two large sums
@@ -179,17 +186,76 @@ def _check_scales_finite(scales: np.ndarray) -> None:
         raise CompressionError(f"cannot encode: bucket {bucket} holds a NaN or an infinity")
 
 
-# Host (numpy) kernels: run on cache-sized chunks, so every temporary is chunk-sized.
+# Host (numpy) kernels: run on cache-sized chunks, so every temporary is chunk-sized. Where torch's
+# CPU ops are several times faster than numpy's (clamp, int32 ops with a broadcast operand) they
+# run on zero-copy torch views of the same memory; every such op is exact, so results are the same.
 
 
-def _host_select(m2: np.ndarray, s2: np.ndarray) -> np.ndarray:
-    """q = scales[b, 1] where the bit is set, else scales[b, 0]; exact (x*1 + y*0 == x).
+class _HostScratch(threading.local):
+    """Chunk-sized work buffers, one set per thread, reused across chunks and calls.
 
-    Arithmetic instead of np.where: numpy's masked select is ~10x slower than two multiplies.
+    Allocating the temporaries per chunk costs more than the arithmetic on them (malloc, and page
+    faults above malloc's mmap threshold). About 17 bytes per element of the largest chunk seen.
     """
-    q = np.multiply(m2, s2[:, 1:2], dtype=np.float32)
-    q += np.logical_not(m2) * s2[:, 0:1]
-    return q
+
+    size = 0
+
+    def get(self, span: int) -> _HostScratch:
+        if span > self.size:
+            self.v, self.pos, self.neg = (np.empty(span, np.float32) for _ in range(3))
+            self.mask = np.empty(span, np.bool_)
+            self.sel = np.empty(span, np.int32)
+            self.tv, self.tpos, self.tneg, self.tmask, self.tsel = map(
+                torch.from_numpy, (self.v, self.pos, self.neg, self.mask, self.sel)
+            )
+            self.size = span
+        return self
+
+
+_scratch = _HostScratch()
+
+
+def _host_values(
+    sc: _HostScratch, g: np.ndarray, residual: np.ndarray | None, e0: int, e1: int
+) -> tuple[np.ndarray, torch.Tensor]:
+    """``v = g (+ residual)`` for one chunk, as a numpy array and a torch view of it."""
+    if residual is None and g.flags.writeable:
+        return g[e0:e1], torch.from_numpy(g[e0:e1])
+    v = sc.v[: e1 - e0]  # torch refuses to wrap read-only memory: copy such a g first
+    if residual is None:
+        np.copyto(v, g[e0:e1])
+    else:
+        np.add(g[e0:e1], residual[e0:e1], out=v)
+    return v, sc.tv[: e1 - e0]
+
+
+def _select_words(scales: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per bucket int32 words ``(minus, minus ^ plus)``: ``q = minus ^ (b * (minus ^ plus))``.
+
+    The selected values are what ``b * plus + (1 - b) * minus`` gives in float32, i.e. ``plus +
+    0 * minus`` and ``0 * plus + minus``: ``plus`` and ``minus`` up to the sign of a zero scale.
+    Selecting bit patterns with an int32 multiply and xor is exact and several times faster than
+    two float multiplies of a bool mask (numpy casts the mask in buffers) or any masked select.
+    """
+    zero = np.float32(0)
+    plus = scales[:, 1] + zero * scales[:, 0]
+    minus = zero * scales[:, 1] + scales[:, 0]
+    base = minus.view(np.int32)
+    flip = base ^ plus.view(np.int32)
+    return torch.from_numpy(base.reshape(-1, 1)), torch.from_numpy(flip.reshape(-1, 1))
+
+
+def _host_select(
+    sel: torch.Tensor, b0: int, base: torch.Tensor, flip: torch.Tensor, bucket_size: int
+) -> np.ndarray:
+    """Turn ``sel`` (int32 bits 0/1 of buckets ``b0...``) into the float32 q, in place."""
+    b = b0
+    for s2 in _bucket_views(sel, bucket_size):
+        rows = s2.shape[0]
+        torch.mul(s2, flip[b : b + rows], out=s2)
+        torch.bitwise_xor(s2, base[b : b + rows], out=s2)
+        b += rows
+    return sel.numpy().view(np.float32)
 
 
 def _host_first_pass(
@@ -201,23 +267,39 @@ def _host_first_pass(
     scales: np.ndarray,
 ) -> None:
     """Fill ``bits`` and ``scales`` for ``v = g (+ residual)``; writes nothing else."""
+    sc = _scratch.get(_span(chunks))
+    n_buckets = scales.shape[0]
+    pos_sum, neg_sum = np.empty(n_buckets), np.empty(n_buckets)
+    n_pos = np.empty(n_buckets, np.int32)  # bucket_size < 2**31
     for b0, e0, e1 in chunks:
-        v = g[e0:e1] if residual is None else g[e0:e1] + residual[e0:e1]
-        m = v >= 0
+        v, tv = _host_values(sc, g, residual, e0, e1)
+        m = np.greater_equal(v, 0, out=sc.mask[: e1 - e0])
         packed = np.packbits(m, bitorder="little")
         bits[e0 // 8 : e0 // 8 + packed.size] = packed
+        # torch.clamp is 4x faster than np.maximum. It may keep a -0.0 where numpy gives +0.0,
+        # which changes no sum: the terms are one-signed, a partial sum is zero only if all its
+        # terms are, and numpy's reduction starts from +0.0, so an all-zero bucket sums to +0.0.
+        torch.clamp(tv, min=0, out=sc.tpos[: e1 - e0])
+        torch.clamp(tv, max=0, out=sc.tneg[: e1 - e0])
         b = b0
-        for v2, m2 in zip(
-            _bucket_views(v, bucket_size), _bucket_views(m, bucket_size), strict=True
+        for p2, n2, m2 in zip(
+            _bucket_views(sc.pos[: e1 - e0], bucket_size),
+            _bucket_views(sc.neg[: e1 - e0], bucket_size),
+            _bucket_views(m, bucket_size),
+            strict=True,
         ):
-            pos = np.maximum(v2, 0).sum(axis=1, dtype=np.float64)
-            neg = np.minimum(v2, 0).sum(axis=1, dtype=np.float64)
+            rows = slice(b, b + p2.shape[0])
+            # The very calls (and chunking) of the reference kernel: the summation order, so
+            # every rounding, is numpy's pairwise one over each bucket.
+            p2.sum(axis=1, dtype=np.float64, out=pos_sum[rows])
+            n2.sum(axis=1, dtype=np.float64, out=neg_sum[rows])
             # A uint8 sum counts the set flags several times faster than np.count_nonzero(axis=1).
-            n_pos = m2.view(np.uint8).sum(axis=1, dtype=np.int32)  # bucket_size < 2**31
-            minus, plus = _means(pos, neg, n_pos, v2.shape[1])
-            scales[b : b + v2.shape[0], 0] = minus
-            scales[b : b + v2.shape[0], 1] = plus
-            b += v2.shape[0]
+            m2.view(np.uint8).sum(axis=1, dtype=np.int32, out=n_pos[rows])
+            b += p2.shape[0]
+    widths = np.full(n_buckets, bucket_size, dtype=np.int32)
+    if n_buckets:
+        widths[-1] = g.shape[0] - (n_buckets - 1) * bucket_size
+    scales[:, 0], scales[:, 1] = _means(pos_sum, neg_sum, n_pos, widths)
 
 
 def _quantize_host(g: np.ndarray, bucket_size: int, residual: np.ndarray | None) -> Encoded:
@@ -232,16 +314,14 @@ def _quantize_host(g: np.ndarray, bucket_size: int, residual: np.ndarray | None)
     if residual is not None:
         # Second pass, only once every bucket encoded: r <- (g + r) - q. Recomputing g + r
         # costs a re-read but needs no full-size scratch and leaves r intact on failure.
+        sc = _scratch.get(_span(chunks))
+        base, flip = _select_words(scales)
         for b0, e0, e1 in chunks:
-            v = g[e0:e1] + residual[e0:e1]
-            b = b0
-            for v2, r2 in zip(
-                _bucket_views(v, bucket_size),
-                _bucket_views(residual[e0:e1], bucket_size),
-                strict=True,
-            ):
-                np.subtract(v2, _host_select(v2 >= 0, scales[b : b + v2.shape[0]]), out=r2)
-                b += v2.shape[0]
+            v, _ = _host_values(sc, g, residual, e0, e1)
+            np.greater_equal(v, 0, out=sc.mask[: e1 - e0])
+            sel = sc.tsel[: e1 - e0].copy_(sc.tmask[: e1 - e0])
+            q = _host_select(sel, b0, base, flip, bucket_size)
+            np.subtract(v, q, out=residual[e0:e1])
     return Encoded(bits=bits, scales=scales, count=count, bucket_size=bucket_size)
 
 
@@ -429,7 +509,7 @@ def decode_into(
     any ``CompressionError`` ``acc`` is untouched: everything is checked before the first write.
 
     Allocations: ``alpha * scales`` (n_buckets x 2 float32); then, per run of whole buckets
-    (about 64 K elements on the CPU, 4 M on an accelerator), the unpacked bits (1 byte per
+    (about 256 K elements on the CPU, 4 M on an accelerator), the unpacked bits (1 byte per
     element) and the reconstructed ``alpha * q`` (float32). No full-size temporary. For a torch
     ``acc`` on an accelerator, bits and scales are first copied to that device (1/28 of fp32).
     """
@@ -463,16 +543,13 @@ def decode_into(
 
 
 def _decode_host(acc: np.ndarray, bits: np.ndarray, scaled: np.ndarray, bucket_size: int) -> None:
-    for b0, e0, e1 in _chunks(acc.shape[0], bucket_size, _HOST_CHUNK_ELEMENTS):
+    chunks = list(_chunks(acc.shape[0], bucket_size, _HOST_CHUNK_ELEMENTS))
+    sc = _scratch.get(_span(chunks))
+    base, flip = _select_words(scaled)
+    for b0, e0, e1 in chunks:
         signs = np.unpackbits(bits[e0 // 8 : -(-e1 // 8)], count=e1 - e0, bitorder="little")
-        b = b0
-        for a2, m2 in zip(
-            _bucket_views(acc[e0:e1], bucket_size),
-            _bucket_views(signs.view(np.bool_), bucket_size),
-            strict=True,
-        ):
-            a2 += _host_select(m2, scaled[b : b + a2.shape[0]])
-            b += a2.shape[0]
+        sel = sc.tsel[: e1 - e0].copy_(torch.from_numpy(signs))
+        np.add(acc[e0:e1], _host_select(sel, b0, base, flip, bucket_size), out=acc[e0:e1])
 
 
 def _decode_torch(acc: torch.Tensor, bits: torch.Tensor, scaled: torch.Tensor, bs: int) -> None:
