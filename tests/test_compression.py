@@ -454,3 +454,18 @@ def test_the_host_kernels_match_the_kernels_they_replaced_bit_for_bit(
             )
             _old_decode(acc_old, old, alpha)
             _same_bits(acc_new, acc_old)
+
+
+@pytest.mark.parametrize("kind", ["normal", "magnitudes", "zeros"])
+def test_buckets_summed_again_the_slow_exact_way_give_the_same_bits(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A slack this wide makes every bucket's bracket straddle a rounding boundary, so every
+    # bucket takes the rare path that re-sums it exactly as numpy does.
+    monkeypatch.setattr(c, "_SUM_SLACK_PER_ELEMENT", 0.5)
+    rng = np.random.default_rng(11)
+    g, r0 = _awkward_vector(rng, 5003, kind), _awkward_vector(rng, 5003, kind)
+    r_new, r_old = r0.copy(), r0.copy()
+    new, old = c._quantize_host(g, 100, r_new), _old_quantize(g, 100, r_old)
+    _same_bits(new.scales, old.scales)
+    _same_bits(r_new, r_old)

@@ -195,38 +195,33 @@ class _HostScratch(threading.local):
     """Chunk-sized work buffers, one set per thread, reused across chunks and calls.
 
     Allocating the temporaries per chunk costs more than the arithmetic on them (malloc, and page
-    faults above malloc's mmap threshold). About 17 bytes per element of the largest chunk seen.
+    faults above malloc's mmap threshold). 25 bytes per element of the longest chunk seen.
     """
 
     size = 0
 
     def get(self, span: int) -> _HostScratch:
         if span > self.size:
-            self.v, self.pos, self.neg = (np.empty(span, np.float32) for _ in range(3))
-            self.mask = np.empty(span, np.bool_)
+            self.v, self.mask = np.empty(span, np.float32), np.empty(span, np.bool_)
             self.sel = np.empty(span, np.int32)
-            self.tv, self.tpos, self.tneg, self.tmask, self.tsel = map(
-                torch.from_numpy, (self.v, self.pos, self.neg, self.mask, self.sel)
-            )
+            self.tv, self.tmask, self.tsel = map(torch.from_numpy, (self.v, self.mask, self.sel))
+            self.sides = torch.empty((2, span), dtype=torch.float64)  # [v >= 0 part; v < 0 part]
             self.size = span
         return self
 
 
 _scratch = _HostScratch()
+_bitwise_count = getattr(np, "bitwise_count", None)  # numpy >= 2.0
 
 
 def _host_values(
-    sc: _HostScratch, g: np.ndarray, residual: np.ndarray | None, e0: int, e1: int
-) -> tuple[np.ndarray, torch.Tensor]:
-    """``v = g (+ residual)`` for one chunk, as a numpy array and a torch view of it."""
-    if residual is None and g.flags.writeable:
-        return g[e0:e1], torch.from_numpy(g[e0:e1])
-    v = sc.v[: e1 - e0]  # torch refuses to wrap read-only memory: copy such a g first
-    if residual is None:
-        np.copyto(v, g[e0:e1])
-    else:
-        np.add(g[e0:e1], residual[e0:e1], out=v)
-    return v, sc.tv[: e1 - e0]
+    g: np.ndarray, state: np.ndarray | None, mirror: bool, e0: int, e1: int, out: np.ndarray
+) -> np.ndarray:
+    """``v`` for elements ``e0:e1`` into ``out``: ``g``, ``g + residual`` or ``g - mirror``."""
+    if state is None:
+        np.copyto(out, g[e0:e1])
+        return out
+    return (np.subtract if mirror else np.add)(g[e0:e1], state[e0:e1], out=out)
 
 
 def _select_words(scales: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,71 +253,131 @@ def _host_select(
     return sel.numpy().view(np.float32)
 
 
+# Bound on |numpy's bucket sum - torch's| relative to the sum, per element of the bucket: any
+# order of k - 1 float64 additions of one-signed terms errs by at most (k - 1) * 2**-53 of the
+# exact sum (numpy's adds one exact 0.0 + x), so the two differ by < 2 * 2.01 * k * 2**-53. The
+# extra factor leaves room for the rounding of the bracket's own endpoints.
+_SUM_SLACK_PER_ELEMENT = 8 * 2.0**-53
+
+
+def _exact_side_sums(v: np.ndarray) -> tuple[float, float]:
+    """One bucket's float64 sums exactly as numpy's pairwise reduction orders them."""
+    row = v.reshape(1, -1)
+    pos = np.maximum(row, 0).sum(axis=1, dtype=np.float64)[0]
+    return pos, np.minimum(row, 0).sum(axis=1, dtype=np.float64)[0]
+
+
 def _host_first_pass(
     g: np.ndarray,
     bucket_size: int,
-    residual: np.ndarray | None,
+    state: np.ndarray | None,
+    mirror: bool,
     chunks: list[tuple[int, int, int]],
     bits: np.ndarray,
     scales: np.ndarray,
 ) -> None:
-    """Fill ``bits`` and ``scales`` for ``v = g (+ residual)``; writes nothing else."""
+    """Fill ``bits`` and ``scales`` for ``v`` (see ``_host_values``); writes nothing else.
+
+    The float64 bucket sums run in torch (about 3x faster than numpy's float32->float64 sum),
+    whose summation order differs from numpy's pairwise one. The rounded float32 means are still
+    numpy's: both sums lie within a proven bound of each other, and where the whole bracket
+    around torch's sum rounds to one float32 mean, numpy's rounds to it too (x -> fl32(x / n) is
+    monotone). The rare bucket whose bracket straddles a rounding boundary (~1 in 60 000 at 512)
+    is summed again exactly as numpy does. Every mean is thus numpy's, bit for bit.
+    """
     sc = _scratch.get(_span(chunks))
     n_buckets = scales.shape[0]
-    pos_sum, neg_sum = np.empty(n_buckets), np.empty(n_buckets)
+    sums = np.empty((2, n_buckets))  # [sum of v >= 0, sum of v < 0] per bucket
     n_pos = np.empty(n_buckets, np.int32)  # bucket_size < 2**31
     for b0, e0, e1 in chunks:
-        v, tv = _host_values(sc, g, residual, e0, e1)
-        m = np.greater_equal(v, 0, out=sc.mask[: e1 - e0])
+        n, rows = e1 - e0, (e1 - e0) // bucket_size
+        if state is None and g.flags.writeable:  # else torch refuses to wrap it: copy it
+            v, tv = g[e0:e1], torch.from_numpy(g[e0:e1])
+        else:
+            v, tv = _host_values(g, state, mirror, e0, e1, sc.v[:n]), sc.tv[:n]
+        m = np.greater_equal(v, 0, out=sc.mask[:n])
         packed = np.packbits(m, bitorder="little")
         bits[e0 // 8 : e0 // 8 + packed.size] = packed
-        # torch.clamp is 4x faster than np.maximum. It may keep a -0.0 where numpy gives +0.0,
-        # which changes no sum: the terms are one-signed, a partial sum is zero only if all its
-        # terms are, and numpy's reduction starts from +0.0, so an all-zero bucket sums to +0.0.
-        torch.clamp(tv, min=0, out=sc.tpos[: e1 - e0])
-        torch.clamp(tv, max=0, out=sc.tneg[: e1 - e0])
+        # Set bits per bucket: a popcount of the packed bytes where buckets are whole bytes,
+        # else a uint8 sum of the flags (several times faster than np.count_nonzero(axis=1)).
+        if _bitwise_count is not None and bucket_size % 8 == 0:
+            flags, width = _bitwise_count(packed), bucket_size // 8
+        else:
+            flags, width = m.view(np.uint8), bucket_size
         b = b0
-        for p2, n2, m2 in zip(
-            _bucket_views(sc.pos[: e1 - e0], bucket_size),
-            _bucket_views(sc.neg[: e1 - e0], bucket_size),
-            _bucket_views(m, bucket_size),
-            strict=True,
-        ):
-            rows = slice(b, b + p2.shape[0])
-            # The very calls (and chunking) of the reference kernel: the summation order, so
-            # every rounding, is numpy's pairwise one over each bucket.
-            p2.sum(axis=1, dtype=np.float64, out=pos_sum[rows])
-            n2.sum(axis=1, dtype=np.float64, out=neg_sum[rows])
-            # A uint8 sum counts the set flags several times faster than np.count_nonzero(axis=1).
-            m2.view(np.uint8).sum(axis=1, dtype=np.int32, out=n_pos[rows])
-            b += p2.shape[0]
+        for m2 in _bucket_views(flags, width):
+            m2.sum(axis=1, dtype=np.int32, out=n_pos[b : b + m2.shape[0]])
+            b += m2.shape[0]
+        # Each side's terms are exact float64 copies of the float32 values (or 0).
+        sides = sc.sides[:, :n]
+        sides[0].copy_(tv)
+        torch.clamp(sides[0], max=0, out=sides[1])
+        sides[0].clamp_(min=0)
+        if rows:
+            full = sides[:, : rows * bucket_size].view(2, rows, bucket_size)
+            sums[:, b0 : b0 + rows] = full.sum(dim=2).numpy()
+        if rows * bucket_size < n:
+            sums[:, b0 + rows] = sides[:, rows * bucket_size :].sum(dim=1).numpy()
+    sums += 0.0  # -0.0 -> +0.0: numpy's reduction starts from +0.0, so it never returns -0.0
     widths = np.full(n_buckets, bucket_size, dtype=np.int32)
     if n_buckets:
         widths[-1] = g.shape[0] - (n_buckets - 1) * bucket_size
-    scales[:, 0], scales[:, 1] = _means(pos_sum, neg_sum, n_pos, widths)
+    slack = _SUM_SLACK_PER_ELEMENT * (bucket_size + 1)
+    means, lo, hi = (
+        np.stack(_means(sums[0] * f, sums[1] * f, n_pos, widths)).astype(np.float32)
+        for f in (1.0, 1 - slack, 1 + slack)
+    )
+    sure = (lo == means) & (hi == means)
+    sure |= ~np.isfinite(means)  # NaN or infinity: encoding fails whichever way it was summed
+    for b in np.flatnonzero(~sure.all(axis=0)).tolist():
+        e0, e1 = b * bucket_size, min(b * bucket_size + bucket_size, g.shape[0])
+        sums[:, b] = _exact_side_sums(_host_values(g, state, mirror, e0, e1, sc.v[: e1 - e0]))
+        means[:, b] = np.stack(_means(sums[0, b], sums[1, b], n_pos[b], widths[b]))
+    scales[:] = means.T
 
 
-def _quantize_host(g: np.ndarray, bucket_size: int, residual: np.ndarray | None) -> Encoded:
+def _quantize_host(
+    g: np.ndarray, bucket_size: int, state: np.ndarray | None, *, mirror: bool = False
+) -> Encoded:
+    """Encode ``v = g + state`` and set ``state <- v - q`` (error feedback); or, with ``mirror``,
+    encode ``v = g - state`` and set ``state <- state + q`` (``ParameterMirror``: exactly the
+    float32 add ``decode_into`` makes on the worker). No state: encode ``g``."""
     count = g.shape[0]
-    bits = np.zeros(bits_nbytes(count), dtype=np.uint8)
+    bits = np.empty(bits_nbytes(count), dtype=np.uint8)  # every byte is written (padding: 0)
     scales = np.empty((num_buckets(count, bucket_size), 2), dtype=np.float32)
     chunks = list(_chunks(count, bucket_size, _HOST_CHUNK_ELEMENTS))
     # A NaN or an infinity in v is reported by _check_scales_finite, not as a numpy warning.
     with np.errstate(invalid="ignore"):
-        _host_first_pass(g, bucket_size, residual, chunks, bits, scales)
+        _host_first_pass(g, bucket_size, state, mirror, chunks, bits, scales)
     _check_scales_finite(scales)
-    if residual is not None:
-        # Second pass, only once every bucket encoded: r <- (g + r) - q. Recomputing g + r
-        # costs a re-read but needs no full-size scratch and leaves r intact on failure.
+    if state is not None:
+        # Second pass, only once every bucket encoded. Recomputing v costs a re-read but needs
+        # no full-size scratch and leaves the state intact on failure.
         sc = _scratch.get(_span(chunks))
         base, flip = _select_words(scales)
         for b0, e0, e1 in chunks:
-            v, _ = _host_values(sc, g, residual, e0, e1)
+            v = _host_values(g, state, mirror, e0, e1, sc.v[: e1 - e0])
             np.greater_equal(v, 0, out=sc.mask[: e1 - e0])
             sel = sc.tsel[: e1 - e0].copy_(sc.tmask[: e1 - e0])
             q = _host_select(sel, b0, base, flip, bucket_size)
-            np.subtract(v, q, out=residual[e0:e1])
+            if mirror:
+                np.add(state[e0:e1], q, out=state[e0:e1])
+            else:
+                np.subtract(v, q, out=state[e0:e1])
     return Encoded(bits=bits, scales=scales, count=count, bucket_size=bucket_size)
+
+
+def _encode_mirror_update(params: np.ndarray, mirror: np.ndarray, bucket_size: int) -> Encoded:
+    """``quantize(params - mirror)`` then ``mirror += q`` in two passes, without the full-size
+    difference or unpacking the bits again; for ``ParameterMirror.encode_update``."""
+    v = _as_vector(params, "params")
+    m = _as_vector(mirror, "mirror")
+    _check_sizes(v.shape[0], bucket_size)
+    if not isinstance(v, np.ndarray) or not isinstance(m, np.ndarray) or m.shape != v.shape:
+        raise CompressionError("params and mirror must be numpy arrays of one shape")
+    if not m.flags.writeable:
+        raise CompressionError("mirror must be writable")
+    return _quantize_host(v, bucket_size, m, mirror=True)
 
 
 # Device (torch) kernels: the same maths with torch ops on the input's device, whole vector.
