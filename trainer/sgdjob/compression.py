@@ -369,16 +369,14 @@ def _quantize_host(
 
 
 def _encode_mirror_update(params: np.ndarray, mirror: np.ndarray, bucket_size: int) -> Encoded:
-    """``quantize(params - mirror)`` then ``mirror += q`` in two passes, without the full-size
-    difference or unpacking the bits again; for ``ParameterMirror.encode_update``."""
+    """``quantize(params - mirror)``, then ``mirror += q`` as ``decode_into`` adds it, in two
+    passes: no full-size difference, no unpacking of the bits. For ``ParameterMirror``, which
+    passes float32 1-D arrays of one shape (``mirror`` its own, writable)."""
     v = _as_vector(params, "params")
-    m = _as_vector(mirror, "mirror")
     _check_sizes(v.shape[0], bucket_size)
-    if not isinstance(v, np.ndarray) or not isinstance(m, np.ndarray) or m.shape != v.shape:
-        raise CompressionError("params and mirror must be numpy arrays of one shape")
-    if not m.flags.writeable:
-        raise CompressionError("mirror must be writable")
-    return _quantize_host(v, bucket_size, m, mirror=True)
+    _as_vector(mirror, "mirror")  # float32, 1-D, contiguous
+    assert isinstance(v, np.ndarray) and mirror.shape == v.shape and mirror.flags.writeable
+    return _quantize_host(v, bucket_size, mirror, mirror=True)
 
 
 # Device (torch) kernels: the same maths with torch ops on the input's device, whole vector.
