@@ -469,3 +469,10 @@ def test_buckets_summed_again_the_slow_exact_way_give_the_same_bits(
     new, old = c._quantize_host(g, 100, r_new), _old_quantize(g, 100, r_old)
     _same_bits(new.scales, old.scales)
     _same_bits(r_new, r_old)
+    # And the ParameterMirror form: v = g - mirror, then mirror += q.
+    m_new, m_old = r0.copy(), r0.copy()
+    new = c._quantize_host(g, 100, m_new, mirror=True)
+    old = _old_quantize(g - r0, 100, None)
+    _old_decode(m_old, old, 1.0)
+    _same_bits(new.scales, old.scales)
+    _same_bits(m_new, m_old)

@@ -196,7 +196,7 @@ class _HostScratch(threading.local):
     """Chunk-sized work buffers, one set per thread, reused across chunks and calls.
 
     Allocating the temporaries per chunk costs more than the arithmetic on them (malloc, and page
-    faults above malloc's mmap threshold). 25 bytes per element of the longest chunk seen.
+    faults above malloc's mmap threshold). 17 bytes per element of the longest chunk seen.
     """
 
     size = 0
@@ -206,7 +206,7 @@ class _HostScratch(threading.local):
             self.v, self.mask = np.empty(span, np.float32), np.empty(span, np.bool_)
             self.sel = np.empty(span, np.int32)
             self.tv, self.tmask, self.tsel = map(torch.from_numpy, (self.v, self.mask, self.sel))
-            self.sides = torch.empty((2, span), dtype=torch.float64)  # [v >= 0 part; v < 0 part]
+            self.v64 = torch.empty(span, dtype=torch.float64)
             self.size = span
         return self
 
@@ -254,18 +254,44 @@ def _host_select(
     return sel.numpy().view(np.float32)
 
 
-# Bound on |numpy's bucket sum - torch's| relative to the sum, per element of the bucket: any
-# order of k - 1 float64 additions of one-signed terms errs by at most (k - 1) * 2**-53 of the
-# exact sum (numpy's adds one exact 0.0 + x), so the two differ by < 2 * 2.01 * k * 2**-53. The
-# extra factor leaves room for the rounding of the bracket's own endpoints.
+# Bracket of numpy's bucket sums around torch's, relative, per element of the bucket. Any order
+# of k - 1 float64 additions errs by at most (k - 1) * 2**-53 of the sum of the terms' magnitudes.
+# For a side summed on its own (P, or N), torch's and numpy's sums thus differ by less than
+# 2 * (k + 1) * 2**-53 * |P or N|; for N = T - P (T: torch's sum of all of v) by less than
+# 2 * (k + 1) * 2**-53 * (P + |N|). The factor 8 covers the rounding of the bracket's endpoints.
 _SUM_SLACK_PER_ELEMENT = 8 * 2.0**-53
+# Sum N on its own in a run where some bucket has P + |N| > _LOOSE * |N|: T - P's bracket is then
+# over 64x wider than a direct sum's, and a rounding boundary falls in it too often.
+_LOOSE = 64.0
 
 
-def _exact_side_sums(v: np.ndarray) -> tuple[float, float]:
-    """One bucket's float64 sums exactly as numpy's pairwise reduction orders them."""
-    row = v.reshape(1, -1)
-    pos = np.maximum(row, 0).sum(axis=1, dtype=np.float64)[0]
-    return pos, np.minimum(row, 0).sum(axis=1, dtype=np.float64)[0]
+def _row_sums(x: torch.Tensor, bucket_size: int) -> np.ndarray:
+    """float64 sums of a run's buckets (the last may be short), in torch's order."""
+    return np.concatenate([rows.sum(dim=1).numpy() for rows in _bucket_views(x, bucket_size)])
+
+
+def _exact_side_sums(
+    g: np.ndarray, state: np.ndarray | None, mirror: bool, buckets: np.ndarray, bucket_size: int
+) -> np.ndarray:
+    """``[sum of v >= 0; sum of v < 0]`` of the listed buckets exactly as numpy's pairwise
+    reduction orders each bucket (row); how many rows one call sums does not change a row's."""
+    full = g.shape[0] // bucket_size
+    whole = buckets < full  # else the short last bucket
+
+    def rows(x: np.ndarray, tail: bool) -> np.ndarray:
+        if tail:
+            return x[full * bucket_size :].reshape(1, -1)
+        return x[: full * bucket_size].reshape(full, bucket_size)[buckets[whole]]
+
+    out = np.empty((2, buckets.size))
+    for pick, tail in ((whole, False), (~whole, True)):
+        if pick.any():
+            v = rows(g, tail)
+            if state is not None:
+                v = (np.subtract if mirror else np.add)(v, rows(state, tail))
+            out[0, pick] = np.maximum(v, 0).sum(axis=1, dtype=np.float64)
+            out[1, pick] = np.minimum(v, 0).sum(axis=1, dtype=np.float64)
+    return out
 
 
 def _host_first_pass(
@@ -279,19 +305,21 @@ def _host_first_pass(
 ) -> None:
     """Fill ``bits`` and ``scales`` for ``v`` (see ``_host_values``); writes nothing else.
 
-    The float64 bucket sums run in torch (about 3x faster than numpy's float32->float64 sum),
-    whose summation order differs from numpy's pairwise one. The rounded float32 means are still
-    numpy's: both sums lie within a proven bound of each other, and where the whole bracket
-    around torch's sum rounds to one float32 mean, numpy's rounds to it too (x -> fl32(x / n) is
-    monotone). The rare bucket whose bracket straddles a rounding boundary (~1 in 60 000 at 512)
-    is summed again exactly as numpy does. Every mean is thus numpy's, bit for bit.
+    The float64 bucket sums run in torch (several times faster than numpy's float32->float64
+    sums), in another order than numpy's pairwise one, and the negative side as all minus
+    positive. The rounded float32 means are still numpy's: its sums lie in a proven bracket
+    around torch's, and where the whole bracket rounds to one float32 mean, numpy's sum rounds
+    to it too (x -> fl32(x / n) is monotone). Buckets whose bracket straddles a rounding boundary
+    (rare; more often when one side is tiny against the other) are summed again with numpy's own
+    calls, all at once. Every mean is thus numpy's, bit for bit.
     """
     sc = _scratch.get(_span(chunks))
     n_buckets = scales.shape[0]
-    sums = np.empty((2, n_buckets))  # [sum of v >= 0, sum of v < 0] per bucket
+    sums = np.empty((2, n_buckets))  # [sum of v >= 0 (P), sum of v < 0 (N)] per bucket
+    direct = np.zeros(n_buckets, np.int8)  # 1: N summed on its own, else N = T - P
     n_pos = np.empty(n_buckets, np.int32)  # bucket_size < 2**31
     for b0, e0, e1 in chunks:
-        n, rows = e1 - e0, (e1 - e0) // bucket_size
+        n = e1 - e0
         if state is None and g.flags.writeable:  # else torch refuses to wrap it: copy it
             v, tv = g[e0:e1], torch.from_numpy(g[e0:e1])
         else:
@@ -309,31 +337,34 @@ def _host_first_pass(
         for m2 in _bucket_views(flags, width):
             m2.sum(axis=1, dtype=np.int32, out=n_pos[b : b + m2.shape[0]])
             b += m2.shape[0]
-        # Each side's terms are exact float64 copies of the float32 values (or 0).
-        sides = sc.sides[:, :n]
-        sides[0].copy_(tv)
-        torch.clamp(sides[0], max=0, out=sides[1])
-        sides[0].clamp_(min=0)
-        if rows:
-            full = sides[:, : rows * bucket_size].view(2, rows, bucket_size)
-            sums[:, b0 : b0 + rows] = full.sum(dim=2).numpy()
-        if rows * bucket_size < n:
-            sums[:, b0 + rows] = sides[:, rows * bucket_size :].sum(dim=1).numpy()
-    sums += 0.0  # -0.0 -> +0.0: numpy's reduction starts from +0.0, so it never returns -0.0
+        # T (all of v), then P (v >= 0) after clamping in place (faster than out of place);
+        # the terms are exact float64 copies of the float32 values.
+        v64 = sc.v64[:n].copy_(tv)
+        total = _row_sums(v64, bucket_size)
+        pos = _row_sums(v64.clamp_(min=0), bucket_size)
+        neg = total - pos  # exactly 0 where no v < 0: the same sum of the same terms
+        if ((neg != 0) & (_LOOSE * np.abs(neg) < pos - neg)).any():
+            # A side tiny against the other: T - P is too loose to settle its mean. Sum it.
+            neg, direct[b0 : b0 + neg.size] = _row_sums(v64.copy_(tv).clamp_(max=0), bucket_size), 1
+        sums[0, b0 : b0 + pos.size], sums[1, b0 : b0 + neg.size] = pos, neg
     widths = np.full(n_buckets, bucket_size, dtype=np.int32)
     if n_buckets:
         widths[-1] = g.shape[0] - (n_buckets - 1) * bucket_size
-    slack = _SUM_SLACK_PER_ELEMENT * (bucket_size + 1)
+    sums[1][n_pos == widths] = 0.0  # no v < 0: numpy sums zeros (a NaN counts as v < 0)
+    sums += 0.0  # -0.0 -> +0.0: numpy's reduction starts from +0.0, so it never returns -0.0
+    spread = np.stack([sums[0], np.where(direct, 0.0, sums[0]) - sums[1]])  # [P, P + |N| or |N|]
+    bracket = _SUM_SLACK_PER_ELEMENT * (bucket_size + 1) * spread
     means, lo, hi = (
-        np.stack(_means(sums[0] * f, sums[1] * f, n_pos, widths)).astype(np.float32)
-        for f in (1.0, 1 - slack, 1 + slack)
+        np.stack(_means(x[0], x[1], n_pos, widths)).astype(np.float32)
+        for x in (sums, sums - bracket, sums + bracket)
     )
     sure = (lo == means) & (hi == means)
     sure |= ~np.isfinite(means)  # NaN or infinity: encoding fails whichever way it was summed
-    for b in np.flatnonzero(~sure.all(axis=0)).tolist():
-        e0, e1 = b * bucket_size, min(b * bucket_size + bucket_size, g.shape[0])
-        sums[:, b] = _exact_side_sums(_host_values(g, state, mirror, e0, e1, sc.v[: e1 - e0]))
-        means[:, b] = np.stack(_means(sums[0, b], sums[1, b], n_pos[b], widths[b]))
+    redo = np.flatnonzero(~sure.all(axis=0))
+    if redo.size:
+        sums[:, redo] = _exact_side_sums(g, state, mirror, redo, bucket_size)
+        pos, neg = sums[:, redo]
+        means[:, redo] = np.stack(_means(pos, neg, n_pos[redo], widths[redo]))
     scales[:] = means.T
 
 
