@@ -346,3 +346,133 @@ def test_a_residual_that_does_not_match_the_gradient_is_refused() -> None:
         quantize(np.ones(10, dtype=np.float64), 4)
     with pytest.raises(CompressionError, match="bucket_size"):
         quantize(g, 0)
+
+
+# ----------------------------------------------------------------------------- fast host kernels
+# The host kernels were rewritten for speed; they must reproduce the straightforward numpy
+# kernels they replaced bit for bit (bits, scales, residual, decoded sums, signs of zeros
+# included) on arbitrary floats, not only on the exact grids above. These are those kernels.
+
+
+def _old_select(m2: np.ndarray, s2: np.ndarray) -> np.ndarray:
+    q = np.multiply(m2, s2[:, 1:2], dtype=np.float32)
+    q += np.logical_not(m2) * s2[:, 0:1]
+    return q
+
+
+def _old_quantize(g: np.ndarray, bucket_size: int, residual: np.ndarray | None) -> c.Encoded:
+    count, views = g.shape[0], c._bucket_views
+    bits = np.zeros(c.bits_nbytes(count), dtype=np.uint8)
+    scales = np.empty((c.num_buckets(count, bucket_size), 2), dtype=np.float32)
+    chunks = list(c._chunks(count, bucket_size, 1 << 16))
+    for b0, e0, e1 in chunks:
+        v = g[e0:e1] if residual is None else g[e0:e1] + residual[e0:e1]
+        m = v >= 0
+        packed = np.packbits(m, bitorder="little")
+        bits[e0 // 8 : e0 // 8 + packed.size] = packed
+        b = b0
+        for v2, m2 in zip(views(v, bucket_size), views(m, bucket_size), strict=True):
+            pos = np.maximum(v2, 0).sum(axis=1, dtype=np.float64)
+            neg = np.minimum(v2, 0).sum(axis=1, dtype=np.float64)
+            n_pos = m2.view(np.uint8).sum(axis=1, dtype=np.int32)
+            minus, plus = c._means(pos, neg, n_pos, v2.shape[1])
+            scales[b : b + v2.shape[0]] = np.stack([minus, plus], axis=1)
+            b += v2.shape[0]
+    c._check_scales_finite(scales)
+    for b0, e0, e1 in chunks if residual is not None else []:
+        v, b = g[e0:e1] + residual[e0:e1], b0
+        for v2, r2 in zip(views(v, bucket_size), views(residual[e0:e1], bucket_size), strict=True):
+            np.subtract(v2, _old_select(v2 >= 0, scales[b : b + v2.shape[0]]), out=r2)
+            b += v2.shape[0]
+    return c.Encoded(bits=bits, scales=scales, count=count, bucket_size=bucket_size)
+
+
+def _old_decode(acc: np.ndarray, enc: c.Encoded, alpha: float) -> None:
+    scaled, bs = (enc.scales * alpha).astype(np.float32), enc.bucket_size
+    for b0, e0, e1 in c._chunks(acc.shape[0], bs, 1 << 16):
+        signs = np.unpackbits(enc.bits[e0 // 8 : -(-e1 // 8)], count=e1 - e0, bitorder="little")
+        b = b0
+        for a2, m2 in zip(
+            c._bucket_views(acc[e0:e1], bs), c._bucket_views(signs.view(np.bool_), bs), strict=True
+        ):
+            a2 += _old_select(m2, scaled[b : b + a2.shape[0]])
+            b += a2.shape[0]
+
+
+def _awkward_vector(rng: np.random.Generator, n: int, kind: str) -> np.ndarray:
+    """Non-grid floats: rounding in the float64 sums and the float32 means is real here."""
+    x = rng.standard_normal(n).astype(np.float32) * np.float32(1e-3)
+    if kind == "magnitudes":  # 26 orders of magnitude: sums are far from exact
+        x *= np.exp(rng.uniform(-30, 30, n)).astype(np.float32)
+    elif kind == "zeros":  # +0.0 and -0.0, all-zero buckets and one-sided buckets
+        x[rng.random(n) < 0.3] = 0.0
+        x[rng.random(n) < 0.2] = -0.0
+        x[: n // 3] = np.where(rng.random(n // 3) < 0.5, np.float32(-0.0), np.float32(0.0))
+        x[n // 3 : n // 2] = np.abs(x[n // 3 : n // 2])
+    return x
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray) -> None:
+    assert a.dtype == b.dtype and a.shape == b.shape
+    np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
+
+
+@pytest.mark.parametrize("kind", ["normal", "magnitudes", "zeros"])
+@pytest.mark.parametrize(
+    ("n", "bucket_size", "chunk"),
+    [
+        (1, 1, 1 << 18),
+        (13, 5, 1 << 18),
+        (70_001, 512, 1 << 18),
+        (70_001, 512, 1000),  # many chunks and a short last one
+        (200_003, 100, 1 << 18),
+        (99_999, 8192, 1 << 12),
+        (150_000, 70_000, 1 << 18),  # buckets wider than numpy's 8192-element sum buffer
+        (12_345, 13, 64),
+    ],
+)
+def test_the_host_kernels_match_the_kernels_they_replaced_bit_for_bit(
+    n: int, bucket_size: int, chunk: int, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(c, "_HOST_CHUNK_ELEMENTS", chunk)
+    rng = np.random.default_rng([n, bucket_size, len(kind)])
+    g = _awkward_vector(rng, n, kind)
+    r0 = _awkward_vector(rng, n, kind) * np.float32(0.1)
+    for residual in (None, r0):
+        r_new = None if residual is None else residual.copy()
+        r_old = None if residual is None else residual.copy()
+        new, old = c._quantize_host(g, bucket_size, r_new), _old_quantize(g, bucket_size, r_old)
+        _same_bits(new.bits, old.bits)
+        _same_bits(new.scales, old.scales)
+        if r_new is not None and r_old is not None:
+            _same_bits(r_new, r_old)
+        for alpha in (1.0, -0.5, 3.0):
+            acc_new = _awkward_vector(rng, n, "zeros")
+            acc_old = acc_new.copy()
+            decode_into(
+                acc_new, new.bits, new.scales, count=n, bucket_size=bucket_size, alpha=alpha
+            )
+            _old_decode(acc_old, old, alpha)
+            _same_bits(acc_new, acc_old)
+
+
+@pytest.mark.parametrize("kind", ["normal", "magnitudes", "zeros"])
+def test_buckets_summed_again_the_slow_exact_way_give_the_same_bits(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A slack this wide makes every bucket's bracket straddle a rounding boundary, so every
+    # bucket takes the rare path that re-sums it exactly as numpy does.
+    monkeypatch.setattr(c, "_SUM_SLACK_PER_ELEMENT", 0.5)
+    rng = np.random.default_rng(11)
+    g, r0 = _awkward_vector(rng, 5003, kind), _awkward_vector(rng, 5003, kind)
+    r_new, r_old = r0.copy(), r0.copy()
+    new, old = c._quantize_host(g, 100, r_new), _old_quantize(g, 100, r_old)
+    _same_bits(new.scales, old.scales)
+    _same_bits(r_new, r_old)
+    # And the ParameterMirror form: v = g - mirror, then mirror += q.
+    m_new, m_old = r0.copy(), r0.copy()
+    new = c._quantize_host(g, 100, m_new, mirror=True)
+    old = _old_quantize(g - r0, 100, None)
+    _old_decode(m_old, old, 1.0)
+    _same_bits(new.scales, old.scales)
+    _same_bits(m_new, m_old)

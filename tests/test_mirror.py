@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from sgdjob.compression import CompressionError, decode_into
+from sgdjob.compression import CompressionError, decode_into, quantize
 from sgdjob.mirror import ParameterMirror
 
 
@@ -53,3 +53,35 @@ def test_reset_resynchronises_and_wrong_shapes_are_refused() -> None:
     assert not enc.scales.any()
     with pytest.raises(CompressionError):
         shard.encode_update(np.zeros(99, np.float32))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_fused_update_equals_subtract_quantize_decode_bit_for_bit(dtype: type) -> None:
+    # encode_update runs one fused kernel for float32 params; it must give exactly what the
+    # plain sequence gives (and what a worker's decode_into reproduces), on non-grid floats.
+    rng = np.random.default_rng(1)
+    n, bucket = 70_001, 512
+    params = (rng.standard_normal(n) * np.exp(rng.uniform(-20, 5, n))).astype(dtype)
+    shard = ParameterMirror(params, bucket)
+    plain = shard.mirror.copy()
+    for _ in range(4):
+        params += (rng.standard_normal(n) * 1e-3).astype(dtype)
+        same = rng.random(n) < 0.1
+        params[same] = shard.mirror[same]  # some deltas exactly zero
+        enc = shard.encode_update(params)
+        delta = np.subtract(params, plain, out=np.empty_like(plain))
+        ref = quantize(delta, bucket)
+        decode_into(plain, ref.bits, ref.scales, count=n, bucket_size=bucket)
+        np.testing.assert_array_equal(enc.bits, ref.bits)
+        np.testing.assert_array_equal(enc.scales.view(np.uint32), ref.scales.view(np.uint32))
+        np.testing.assert_array_equal(shard.mirror.view(np.uint32), plain.view(np.uint32))
+
+
+def test_a_non_finite_parameter_is_refused_and_the_mirror_is_untouched() -> None:
+    shard = ParameterMirror(np.zeros(1000, dtype=np.float32), 100)
+    before = shard.mirror.copy()
+    params = np.ones(1000, dtype=np.float32)
+    params[555] = np.inf
+    with pytest.raises(CompressionError, match="bucket 5"):
+        shard.encode_update(params)
+    np.testing.assert_array_equal(shard.mirror, before)

@@ -44,6 +44,7 @@ or (one copy cheaper, and exact) ``sgdjob.mirror.ParameterMirror``.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -57,8 +58,10 @@ CODEC_VERSION = 1
 
 _SCALES_DTYPE = np.dtype("<f4")
 # CPU kernels walk the vector in runs of about this many elements (whole buckets) so their
-# temporaries stay in cache; large fresh temporaries cost page faults that dominate runtime.
-_HOST_CHUNK_ELEMENTS = 1 << 16
+# temporaries stay in cache (2 MiB per float32 buffer: L3); large fresh temporaries cost page
+# faults that dominate runtime, and shorter runs pay the per-call overhead of ~20 numpy/torch
+# calls per run too often (measured best at 2**19 for 10M elements on a 2-core EPYC).
+_HOST_CHUNK_ELEMENTS = 1 << 19
 # Accelerators decode in bigger runs: fewer kernel launches, still bounded temporaries.
 _DEVICE_CHUNK_ELEMENTS = 1 << 22
 
@@ -153,6 +156,11 @@ def _chunks(count: int, bucket_size: int, target: int) -> Iterator[tuple[int, in
         yield e0 // bucket_size, e0, min(count, e0 + span)
 
 
+def _span(chunks: list[tuple[int, int, int]]) -> int:
+    """Elements in the longest run of ``_chunks`` (the first one)."""
+    return chunks[0][2] - chunks[0][1] if chunks else 0
+
+
 def _bucket_views(x: Any, bucket_size: int) -> list[Any]:
     """A run of elements as 2-D views: (full buckets, bucket_size), then (1, partial tail)."""
     n = x.shape[0]
@@ -163,7 +171,7 @@ def _bucket_views(x: Any, bucket_size: int) -> list[Any]:
     return views
 
 
-def _means(pos_sum: Any, neg_sum: Any, n_pos: Any, width: int) -> tuple[Any, Any]:
+def _means(pos_sum: Any, neg_sum: Any, n_pos: Any, width: Any) -> tuple[Any, Any]:
     """float64 sums and counts -> (mu_minus, mu_plus); an empty side divides 0 by 1, giving 0.
 
     Each side is summed on its own (not total - positive): a difference of two large sums
@@ -179,70 +187,227 @@ def _check_scales_finite(scales: np.ndarray) -> None:
         raise CompressionError(f"cannot encode: bucket {bucket} holds a NaN or an infinity")
 
 
-# Host (numpy) kernels: run on cache-sized chunks, so every temporary is chunk-sized.
+# Host (numpy) kernels: run on cache-sized chunks, so every temporary is chunk-sized. Where torch's
+# CPU ops are several times faster than numpy's (clamp, int32 ops with a broadcast operand) they
+# run on zero-copy torch views of the same memory; every such op is exact, so results are the same.
 
 
-def _host_select(m2: np.ndarray, s2: np.ndarray) -> np.ndarray:
-    """q = scales[b, 1] where the bit is set, else scales[b, 0]; exact (x*1 + y*0 == x).
+class _HostScratch(threading.local):
+    """Chunk-sized work buffers, one set per thread, reused across chunks and calls.
 
-    Arithmetic instead of np.where: numpy's masked select is ~10x slower than two multiplies.
+    Allocating the temporaries per chunk costs more than the arithmetic on them (malloc, and page
+    faults above malloc's mmap threshold). 17 bytes per element of the longest chunk seen.
     """
-    q = np.multiply(m2, s2[:, 1:2], dtype=np.float32)
-    q += np.logical_not(m2) * s2[:, 0:1]
-    return q
+
+    size = 0
+
+    def get(self, span: int) -> _HostScratch:
+        if span > self.size:
+            self.v, self.mask = np.empty(span, np.float32), np.empty(span, np.bool_)
+            self.sel = np.empty(span, np.int32)
+            self.tv, self.tmask, self.tsel = map(torch.from_numpy, (self.v, self.mask, self.sel))
+            self.v64 = torch.empty(span, dtype=torch.float64)
+            self.size = span
+        return self
+
+
+_scratch = _HostScratch()
+_bitwise_count = getattr(np, "bitwise_count", None)  # numpy >= 2.0
+
+
+def _host_values(
+    g: np.ndarray, state: np.ndarray | None, mirror: bool, e0: int, e1: int, out: np.ndarray
+) -> np.ndarray:
+    """``v`` for elements ``e0:e1`` into ``out``: ``g``, ``g + residual`` or ``g - mirror``."""
+    if state is None:
+        np.copyto(out, g[e0:e1])
+        return out
+    return (np.subtract if mirror else np.add)(g[e0:e1], state[e0:e1], out=out)
+
+
+def _select_words(scales: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per bucket int32 words ``(minus, minus ^ plus)``: ``q = minus ^ (b * (minus ^ plus))``.
+
+    The selected values are what ``b * plus + (1 - b) * minus`` gives in float32, i.e. ``plus +
+    0 * minus`` and ``0 * plus + minus``: ``plus`` and ``minus`` up to the sign of a zero scale.
+    Selecting bit patterns with an int32 multiply and xor is exact and several times faster than
+    two float multiplies of a bool mask (numpy casts the mask in buffers) or any masked select.
+    """
+    zero = np.float32(0)
+    plus = scales[:, 1] + zero * scales[:, 0]
+    minus = zero * scales[:, 1] + scales[:, 0]
+    base = minus.view(np.int32)
+    flip = base ^ plus.view(np.int32)
+    return torch.from_numpy(base.reshape(-1, 1)), torch.from_numpy(flip.reshape(-1, 1))
+
+
+def _host_select(
+    sel: torch.Tensor, b0: int, base: torch.Tensor, flip: torch.Tensor, bucket_size: int
+) -> np.ndarray:
+    """Turn ``sel`` (int32 bits 0/1 of buckets ``b0...``) into the float32 q, in place."""
+    b = b0
+    for s2 in _bucket_views(sel, bucket_size):
+        rows = s2.shape[0]
+        torch.mul(s2, flip[b : b + rows], out=s2)
+        torch.bitwise_xor(s2, base[b : b + rows], out=s2)
+        b += rows
+    return sel.numpy().view(np.float32)
+
+
+# Bracket of numpy's bucket sums around torch's, relative, per element of the bucket. Any order
+# of k - 1 float64 additions errs by at most (k - 1) * 2**-53 of the sum of the terms' magnitudes.
+# For a side summed on its own (P, or N), torch's and numpy's sums thus differ by less than
+# 2 * (k + 1) * 2**-53 * |P or N|; for N = T - P (T: torch's sum of all of v) by less than
+# 2 * (k + 1) * 2**-53 * (P + |N|). The factor 8 covers the rounding of the bracket's endpoints.
+_SUM_SLACK_PER_ELEMENT = 8 * 2.0**-53
+# Sum N on its own in a run where some bucket has P + |N| > _LOOSE * |N|: T - P's bracket is then
+# over 64x wider than a direct sum's, and a rounding boundary falls in it too often.
+_LOOSE = 64.0
+
+
+def _row_sums(x: torch.Tensor, bucket_size: int) -> np.ndarray:
+    """float64 sums of a run's buckets (the last may be short), in torch's order."""
+    return np.concatenate([rows.sum(dim=1).numpy() for rows in _bucket_views(x, bucket_size)])
+
+
+def _exact_side_sums(
+    g: np.ndarray, state: np.ndarray | None, mirror: bool, buckets: np.ndarray, bucket_size: int
+) -> np.ndarray:
+    """``[sum of v >= 0; sum of v < 0]`` of the listed buckets exactly as numpy's pairwise
+    reduction orders each bucket (row); how many rows one call sums does not change a row's."""
+    full = g.shape[0] // bucket_size
+    whole = buckets < full  # else the short last bucket
+
+    def rows(x: np.ndarray, tail: bool) -> np.ndarray:
+        if tail:
+            return x[full * bucket_size :].reshape(1, -1)
+        return x[: full * bucket_size].reshape(full, bucket_size)[buckets[whole]]
+
+    out = np.empty((2, buckets.size))
+    for pick, tail in ((whole, False), (~whole, True)):
+        if pick.any():
+            v = rows(g, tail)
+            if state is not None:
+                v = (np.subtract if mirror else np.add)(v, rows(state, tail))
+            out[0, pick] = np.maximum(v, 0).sum(axis=1, dtype=np.float64)
+            out[1, pick] = np.minimum(v, 0).sum(axis=1, dtype=np.float64)
+    return out
 
 
 def _host_first_pass(
     g: np.ndarray,
     bucket_size: int,
-    residual: np.ndarray | None,
+    state: np.ndarray | None,
+    mirror: bool,
     chunks: list[tuple[int, int, int]],
     bits: np.ndarray,
     scales: np.ndarray,
 ) -> None:
-    """Fill ``bits`` and ``scales`` for ``v = g (+ residual)``; writes nothing else."""
+    """Fill ``bits`` and ``scales`` for ``v`` (see ``_host_values``); writes nothing else.
+
+    The float64 bucket sums run in torch (several times faster than numpy's float32->float64
+    sums), in another order than numpy's pairwise one, and the negative side as all minus
+    positive. The rounded float32 means are still numpy's: its sums lie in a proven bracket
+    around torch's, and where the whole bracket rounds to one float32 mean, numpy's sum rounds
+    to it too (x -> fl32(x / n) is monotone). Buckets whose bracket straddles a rounding boundary
+    (rare; more often when one side is tiny against the other) are summed again with numpy's own
+    calls, all at once. Every mean is thus numpy's, bit for bit.
+    """
+    sc = _scratch.get(_span(chunks))
+    n_buckets = scales.shape[0]
+    sums = np.empty((2, n_buckets))  # [sum of v >= 0 (P), sum of v < 0 (N)] per bucket
+    direct = np.zeros(n_buckets, np.int8)  # 1: N summed on its own, else N = T - P
+    n_pos = np.empty(n_buckets, np.int32)  # bucket_size < 2**31
     for b0, e0, e1 in chunks:
-        v = g[e0:e1] if residual is None else g[e0:e1] + residual[e0:e1]
-        m = v >= 0
+        n = e1 - e0
+        if state is None and g.flags.writeable:  # else torch refuses to wrap it: copy it
+            v, tv = g[e0:e1], torch.from_numpy(g[e0:e1])
+        else:
+            v, tv = _host_values(g, state, mirror, e0, e1, sc.v[:n]), sc.tv[:n]
+        m = np.greater_equal(v, 0, out=sc.mask[:n])
         packed = np.packbits(m, bitorder="little")
         bits[e0 // 8 : e0 // 8 + packed.size] = packed
+        # Set bits per bucket: a popcount of the packed bytes where buckets are whole bytes,
+        # else a uint8 sum of the flags (several times faster than np.count_nonzero(axis=1)).
+        if _bitwise_count is not None and bucket_size % 8 == 0:
+            flags, width = _bitwise_count(packed), bucket_size // 8
+        else:
+            flags, width = m.view(np.uint8), bucket_size
         b = b0
-        for v2, m2 in zip(
-            _bucket_views(v, bucket_size), _bucket_views(m, bucket_size), strict=True
-        ):
-            pos = np.maximum(v2, 0).sum(axis=1, dtype=np.float64)
-            neg = np.minimum(v2, 0).sum(axis=1, dtype=np.float64)
-            # A uint8 sum counts the set flags several times faster than np.count_nonzero(axis=1).
-            n_pos = m2.view(np.uint8).sum(axis=1, dtype=np.int32)  # bucket_size < 2**31
-            minus, plus = _means(pos, neg, n_pos, v2.shape[1])
-            scales[b : b + v2.shape[0], 0] = minus
-            scales[b : b + v2.shape[0], 1] = plus
-            b += v2.shape[0]
+        for m2 in _bucket_views(flags, width):
+            m2.sum(axis=1, dtype=np.int32, out=n_pos[b : b + m2.shape[0]])
+            b += m2.shape[0]
+        # T (all of v), then P (v >= 0) after clamping in place (faster than out of place);
+        # the terms are exact float64 copies of the float32 values.
+        v64 = sc.v64[:n].copy_(tv)
+        total = _row_sums(v64, bucket_size)
+        pos = _row_sums(v64.clamp_(min=0), bucket_size)
+        neg = total - pos  # exactly 0 where no v < 0: the same sum of the same terms
+        if ((neg != 0) & (_LOOSE * np.abs(neg) < pos - neg)).any():
+            # A side tiny against the other: T - P is too loose to settle its mean. Sum it.
+            neg, direct[b0 : b0 + neg.size] = _row_sums(v64.copy_(tv).clamp_(max=0), bucket_size), 1
+        sums[0, b0 : b0 + pos.size], sums[1, b0 : b0 + neg.size] = pos, neg
+    widths = np.full(n_buckets, bucket_size, dtype=np.int32)
+    if n_buckets:
+        widths[-1] = g.shape[0] - (n_buckets - 1) * bucket_size
+    sums[1][n_pos == widths] = 0.0  # no v < 0: numpy sums zeros (a NaN counts as v < 0)
+    sums += 0.0  # -0.0 -> +0.0: numpy's reduction starts from +0.0, so it never returns -0.0
+    spread = np.stack([sums[0], np.where(direct, 0.0, sums[0]) - sums[1]])  # [P, P + |N| or |N|]
+    bracket = _SUM_SLACK_PER_ELEMENT * (bucket_size + 1) * spread
+    means, lo, hi = (
+        np.stack(_means(x[0], x[1], n_pos, widths)).astype(np.float32)
+        for x in (sums, sums - bracket, sums + bracket)
+    )
+    sure = (lo == means) & (hi == means)
+    sure |= ~np.isfinite(means)  # NaN or infinity: encoding fails whichever way it was summed
+    redo = np.flatnonzero(~sure.all(axis=0))
+    if redo.size:
+        sums[:, redo] = _exact_side_sums(g, state, mirror, redo, bucket_size)
+        pos, neg = sums[:, redo]
+        means[:, redo] = np.stack(_means(pos, neg, n_pos[redo], widths[redo]))
+    scales[:] = means.T
 
 
-def _quantize_host(g: np.ndarray, bucket_size: int, residual: np.ndarray | None) -> Encoded:
+def _quantize_host(
+    g: np.ndarray, bucket_size: int, state: np.ndarray | None, *, mirror: bool = False
+) -> Encoded:
+    """Encode ``v = g + state`` and set ``state <- v - q`` (error feedback); or, with ``mirror``,
+    encode ``v = g - state`` and set ``state <- state + q`` (``ParameterMirror``: exactly the
+    float32 add ``decode_into`` makes on the worker). No state: encode ``g``."""
     count = g.shape[0]
-    bits = np.zeros(bits_nbytes(count), dtype=np.uint8)
+    bits = np.empty(bits_nbytes(count), dtype=np.uint8)  # every byte is written (padding: 0)
     scales = np.empty((num_buckets(count, bucket_size), 2), dtype=np.float32)
     chunks = list(_chunks(count, bucket_size, _HOST_CHUNK_ELEMENTS))
     # A NaN or an infinity in v is reported by _check_scales_finite, not as a numpy warning.
     with np.errstate(invalid="ignore"):
-        _host_first_pass(g, bucket_size, residual, chunks, bits, scales)
+        _host_first_pass(g, bucket_size, state, mirror, chunks, bits, scales)
     _check_scales_finite(scales)
-    if residual is not None:
-        # Second pass, only once every bucket encoded: r <- (g + r) - q. Recomputing g + r
-        # costs a re-read but needs no full-size scratch and leaves r intact on failure.
+    if state is not None:
+        # Second pass, only once every bucket encoded. Recomputing v costs a re-read but needs
+        # no full-size scratch and leaves the state intact on failure.
+        sc = _scratch.get(_span(chunks))
+        base, flip = _select_words(scales)
         for b0, e0, e1 in chunks:
-            v = g[e0:e1] + residual[e0:e1]
-            b = b0
-            for v2, r2 in zip(
-                _bucket_views(v, bucket_size),
-                _bucket_views(residual[e0:e1], bucket_size),
-                strict=True,
-            ):
-                np.subtract(v2, _host_select(v2 >= 0, scales[b : b + v2.shape[0]]), out=r2)
-                b += v2.shape[0]
+            v = _host_values(g, state, mirror, e0, e1, sc.v[: e1 - e0])
+            np.greater_equal(v, 0, out=sc.mask[: e1 - e0])
+            sel = sc.tsel[: e1 - e0].copy_(sc.tmask[: e1 - e0])
+            q = _host_select(sel, b0, base, flip, bucket_size)
+            if mirror:
+                np.add(state[e0:e1], q, out=state[e0:e1])
+            else:
+                np.subtract(v, q, out=state[e0:e1])
     return Encoded(bits=bits, scales=scales, count=count, bucket_size=bucket_size)
+
+
+def _encode_mirror_update(params: np.ndarray, mirror: np.ndarray, bucket_size: int) -> Encoded:
+    """``quantize(params - mirror)``, then ``mirror += q`` as ``decode_into`` adds it, in two
+    passes: no full-size difference, no unpacking of the bits. For ``ParameterMirror``, which
+    passes float32 1-D arrays of one shape (``mirror`` its own, writable)."""
+    v = _as_vector(params, "params")
+    _check_sizes(v.shape[0], bucket_size)
+    _as_vector(mirror, "mirror")  # float32, 1-D, contiguous
+    assert isinstance(v, np.ndarray) and mirror.shape == v.shape and mirror.flags.writeable
+    return _quantize_host(v, bucket_size, mirror, mirror=True)
 
 
 # Device (torch) kernels: the same maths with torch ops on the input's device, whole vector.
@@ -440,7 +605,7 @@ def decode_into(
     any ``CompressionError`` ``acc`` is untouched: everything is checked before the first write.
 
     Allocations: ``alpha * scales`` (n_buckets x 2 float32); then, per run of whole buckets
-    (about 64 K elements on the CPU, 4 M on an accelerator), the unpacked bits (1 byte per
+    (about 512 K elements on the CPU, 4 M on an accelerator), the unpacked bits (1 byte per
     element) and the reconstructed ``alpha * q`` (float32). No full-size temporary. For a torch
     ``acc`` on an accelerator, bits and scales are first copied to that device (1/28 of fp32).
     """
@@ -474,16 +639,13 @@ def decode_into(
 
 
 def _decode_host(acc: np.ndarray, bits: np.ndarray, scaled: np.ndarray, bucket_size: int) -> None:
-    for b0, e0, e1 in _chunks(acc.shape[0], bucket_size, _HOST_CHUNK_ELEMENTS):
+    chunks = list(_chunks(acc.shape[0], bucket_size, _HOST_CHUNK_ELEMENTS))
+    sc = _scratch.get(_span(chunks))
+    base, flip = _select_words(scaled)
+    for b0, e0, e1 in chunks:
         signs = np.unpackbits(bits[e0 // 8 : -(-e1 // 8)], count=e1 - e0, bitorder="little")
-        b = b0
-        for a2, m2 in zip(
-            _bucket_views(acc[e0:e1], bucket_size),
-            _bucket_views(signs.view(np.bool_), bucket_size),
-            strict=True,
-        ):
-            a2 += _host_select(m2, scaled[b : b + a2.shape[0]])
-            b += a2.shape[0]
+        sel = sc.tsel[: e1 - e0].copy_(torch.from_numpy(signs))
+        np.add(acc[e0:e1], _host_select(sel, b0, base, flip, bucket_size), out=acc[e0:e1])
 
 
 def _decode_torch(acc: torch.Tensor, bits: torch.Tensor, scaled: torch.Tensor, bs: int) -> None:

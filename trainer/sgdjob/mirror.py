@@ -16,7 +16,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from sgdjob.compression import CompressionError, Encoded, decode_into, quantize
+from sgdjob.compression import (
+    CompressionError,
+    Encoded,
+    _encode_mirror_update,
+    decode_into,
+    quantize,
+)
 
 
 class ParameterMirror:
@@ -27,7 +33,6 @@ class ParameterMirror:
         self.mirror = np.array(params, dtype=np.float32, copy=True)
         if self.mirror.ndim != 1:
             raise CompressionError("params must be a 1-D slice")
-        self._delta = np.empty_like(self.mirror)  # reused: one subtraction per pull, no alloc
 
     def reset(self, params: np.ndarray) -> None:
         """The worker was sent ``params`` in full precision (hello, restart, resync)."""
@@ -39,8 +44,12 @@ class ParameterMirror:
         """Encode ``params - mirror`` and advance the mirror by exactly what the worker adds."""
         if params.shape != self.mirror.shape:
             raise CompressionError(f"params shape {params.shape} != {self.mirror.shape}")
-        np.subtract(params, self.mirror, out=self._delta)
-        enc = quantize(self._delta, self.bucket_size)
+        if params.dtype == np.float32 and params.flags.c_contiguous:
+            # One fused kernel: the same float32 subtraction, encoding and float32 add as below,
+            # chunk by chunk, with no full-size difference and no unpacking of the bits.
+            return _encode_mirror_update(params, self.mirror, self.bucket_size)
+        delta = np.subtract(params, self.mirror, out=np.empty_like(self.mirror))
+        enc = quantize(delta, self.bucket_size)
         decode_into(
             self.mirror, enc.bits, enc.scales, count=enc.count, bucket_size=self.bucket_size
         )
