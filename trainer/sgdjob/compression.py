@@ -74,6 +74,10 @@ class CompressionError(ValueError):
     """An encoded payload (or an encode input) is malformed; the message says what is wrong."""
 
 
+class NotFiniteError(CompressionError):
+    """The values are well formed but one is a NaN or an infinity (a scale, or an input)."""
+
+
 # ----------------------------------------------------------------------------- sizes
 
 
@@ -184,7 +188,7 @@ def _check_scales_finite(scales: np.ndarray) -> None:
     bad = ~np.isfinite(scales).all(axis=1)
     if bad.any():
         bucket = int(np.flatnonzero(bad)[0])
-        raise CompressionError(f"cannot encode: bucket {bucket} holds a NaN or an infinity")
+        raise NotFiniteError(f"cannot encode: bucket {bucket} holds a NaN or an infinity")
 
 
 # Host (numpy) kernels: run on cache-sized chunks, so every temporary is chunk-sized. Where torch's
@@ -254,44 +258,9 @@ def _host_select(
     return sel.numpy().view(np.float32)
 
 
-# Bracket of numpy's bucket sums around torch's, relative, per element of the bucket. Any order
-# of k - 1 float64 additions errs by at most (k - 1) * 2**-53 of the sum of the terms' magnitudes.
-# For a side summed on its own (P, or N), torch's and numpy's sums thus differ by less than
-# 2 * (k + 1) * 2**-53 * |P or N|; for N = T - P (T: torch's sum of all of v) by less than
-# 2 * (k + 1) * 2**-53 * (P + |N|). The factor 8 covers the rounding of the bracket's endpoints.
-_SUM_SLACK_PER_ELEMENT = 8 * 2.0**-53
-# Sum N on its own in a run where some bucket has P + |N| > _LOOSE * |N|: T - P's bracket is then
-# over 64x wider than a direct sum's, and a rounding boundary falls in it too often.
-_LOOSE = 64.0
-
-
 def _row_sums(x: torch.Tensor, bucket_size: int) -> np.ndarray:
     """float64 sums of a run's buckets (the last may be short), in torch's order."""
     return np.concatenate([rows.sum(dim=1).numpy() for rows in _bucket_views(x, bucket_size)])
-
-
-def _exact_side_sums(
-    g: np.ndarray, state: np.ndarray | None, mirror: bool, buckets: np.ndarray, bucket_size: int
-) -> np.ndarray:
-    """``[sum of v >= 0; sum of v < 0]`` of the listed buckets exactly as numpy's pairwise
-    reduction orders each bucket (row); how many rows one call sums does not change a row's."""
-    full = g.shape[0] // bucket_size
-    whole = buckets < full  # else the short last bucket
-
-    def rows(x: np.ndarray, tail: bool) -> np.ndarray:
-        if tail:
-            return x[full * bucket_size :].reshape(1, -1)
-        return x[: full * bucket_size].reshape(full, bucket_size)[buckets[whole]]
-
-    out = np.empty((2, buckets.size))
-    for pick, tail in ((whole, False), (~whole, True)):
-        if pick.any():
-            v = rows(g, tail)
-            if state is not None:
-                v = (np.subtract if mirror else np.add)(v, rows(state, tail))
-            out[0, pick] = np.maximum(v, 0).sum(axis=1, dtype=np.float64)
-            out[1, pick] = np.minimum(v, 0).sum(axis=1, dtype=np.float64)
-    return out
 
 
 def _host_first_pass(
@@ -305,18 +274,15 @@ def _host_first_pass(
 ) -> None:
     """Fill ``bits`` and ``scales`` for ``v`` (see ``_host_values``); writes nothing else.
 
-    The float64 bucket sums run in torch (several times faster than numpy's float32->float64
-    sums), in another order than numpy's pairwise one, and the negative side as all minus
-    positive. The rounded float32 means are still numpy's: its sums lie in a proven bracket
-    around torch's, and where the whole bracket rounds to one float32 mean, numpy's sum rounds
-    to it too (x -> fl32(x / n) is monotone). Buckets whose bracket straddles a rounding boundary
-    (rare; more often when one side is tiny against the other) are summed again with numpy's own
-    calls, all at once. Every mean is thus numpy's, bit for bit.
+    The float64 bucket sums run in torch, several times faster than numpy's float32 -> float64
+    sums. Each side is summed on its own (see ``_means``), over exact float64 copies of the
+    float32 values; only the order of the additions differs from numpy's, which can move a
+    mean by one float32 ulp at most. The receiver decodes whatever scales are sent, and the
+    sender's residual is computed from those same scales, so error feedback stays exact.
     """
     sc = _scratch.get(_span(chunks))
     n_buckets = scales.shape[0]
-    sums = np.empty((2, n_buckets))  # [sum of v >= 0 (P), sum of v < 0 (N)] per bucket
-    direct = np.zeros(n_buckets, np.int8)  # 1: N summed on its own, else N = T - P
+    sums = np.empty((2, n_buckets))  # [sum of v >= 0, sum of v < 0] per bucket
     n_pos = np.empty(n_buckets, np.int32)  # bucket_size < 2**31
     for b0, e0, e1 in chunks:
         n = e1 - e0
@@ -337,35 +303,17 @@ def _host_first_pass(
         for m2 in _bucket_views(flags, width):
             m2.sum(axis=1, dtype=np.int32, out=n_pos[b : b + m2.shape[0]])
             b += m2.shape[0]
-        # T (all of v), then P (v >= 0) after clamping in place (faster than out of place);
-        # the terms are exact float64 copies of the float32 values.
-        v64 = sc.v64[:n].copy_(tv)
-        total = _row_sums(v64, bucket_size)
-        pos = _row_sums(v64.clamp_(min=0), bucket_size)
-        neg = total - pos  # exactly 0 where no v < 0: the same sum of the same terms
-        if ((neg != 0) & (_LOOSE * np.abs(neg) < pos - neg)).any():
-            # A side tiny against the other: T - P is too loose to settle its mean. Sum it.
-            neg, direct[b0 : b0 + neg.size] = _row_sums(v64.copy_(tv).clamp_(max=0), bucket_size), 1
+        # Clamping in place (faster than out of place) a float64 copy of v, once per side. A
+        # NaN is no v >= 0, and the clamps keep it: its bucket's mean is NaN and is refused.
+        v64 = sc.v64[:n]
+        pos = _row_sums(v64.copy_(tv).clamp_(min=0), bucket_size)
+        neg = _row_sums(v64.copy_(tv).clamp_(max=0), bucket_size)
         sums[0, b0 : b0 + pos.size], sums[1, b0 : b0 + neg.size] = pos, neg
     widths = np.full(n_buckets, bucket_size, dtype=np.int32)
     if n_buckets:
         widths[-1] = g.shape[0] - (n_buckets - 1) * bucket_size
-    sums[1][n_pos == widths] = 0.0  # no v < 0: numpy sums zeros (a NaN counts as v < 0)
-    sums += 0.0  # -0.0 -> +0.0: numpy's reduction starts from +0.0, so it never returns -0.0
-    spread = np.stack([sums[0], np.where(direct, 0.0, sums[0]) - sums[1]])  # [P, P + |N| or |N|]
-    bracket = _SUM_SLACK_PER_ELEMENT * (bucket_size + 1) * spread
-    means, lo, hi = (
-        np.stack(_means(x[0], x[1], n_pos, widths)).astype(np.float32)
-        for x in (sums, sums - bracket, sums + bracket)
-    )
-    sure = (lo == means) & (hi == means)
-    sure |= ~np.isfinite(means)  # NaN or infinity: encoding fails whichever way it was summed
-    redo = np.flatnonzero(~sure.all(axis=0))
-    if redo.size:
-        sums[:, redo] = _exact_side_sums(g, state, mirror, redo, bucket_size)
-        pos, neg = sums[:, redo]
-        means[:, redo] = np.stack(_means(pos, neg, n_pos[redo], widths[redo]))
-    scales[:] = means.T
+    sums += 0.0  # -0.0 -> +0.0: a side of zeros has the mean +0.0, whatever their signs
+    scales[:] = np.stack(_means(sums[0], sums[1], n_pos, widths)).astype(np.float32).T
 
 
 def _quantize_host(
@@ -573,7 +521,7 @@ def validate_payload(
     finite = np.isfinite(scales_arr)
     if not finite.all():
         bucket, side = np.argwhere(~finite)[0]
-        raise CompressionError(
+        raise NotFiniteError(
             f"scales: bucket {bucket} {('mu_minus', 'mu_plus')[side]} is "
             f"{float(scales_arr[bucket, side])}, not finite"
         )

@@ -45,6 +45,7 @@ from sgdjob.compression import (
     CompressionError,
     Encoded,
     ErrorFeedback,
+    NotFiniteError,
     Payload,
     Vector,
     decode_into,
@@ -103,9 +104,10 @@ def validate(frames: Sequence[Payload], *, split: SliceSplit, bucket_size: int) 
         bits, scales = validate_payload(
             frames[0], frames[1], count=split.trainable, bucket_size=bucket_size
         )
+    except NotFiniteError as err:
+        raise ProtocolError(ErrorCode.NOT_FINITE, str(err)) from None
     except CompressionError as err:
-        code = ErrorCode.NOT_FINITE if "finite" in str(err) else ErrorCode.BAD_PAYLOAD
-        raise ProtocolError(code, str(err)) from None
+        raise ProtocolError(ErrorCode.BAD_PAYLOAD, str(err)) from None
     raw: list[tuple[int, np.ndarray]] = []
     at, nbytes = split.trainable, 0
     for frame in frames[2:]:
