@@ -236,14 +236,18 @@ def wire_frames(grad: np.ndarray, trainable: int = TRAINABLE) -> list[bytes]:
     return [bytes(f) for f in frames]
 
 
-def frames_push(worker: int, frames: list[bytes], version: int = 0) -> Incoming:
+def frames_push(
+    worker: int, frames: list[bytes], version: int = 0, *, start: int = 0, end: int = COUNT
+) -> Incoming:
+    """A 1-bit push of ``frames`` for elements ``[start, end)`` of the slice."""
     h = Header(
         op=Op.PUSH,
         token=TOKEN,
         worker=worker,
         version=version,
         step=version,
-        count=COUNT,
+        offset=start,
+        count=end - start,
         nbytes=sum(map(len, frames)),
         nframes=len(frames),
         dtype=DType.ONEBIT,
@@ -396,24 +400,6 @@ def part_frames(ef: ErrorFeedback, grad: np.ndarray, start: int, end: int) -> li
     return [bytes(f) for f in frames]
 
 
-def part_push(worker: int, frames: list[bytes], start: int, end: int) -> Incoming:
-    h = Header(
-        op=Op.PUSH,
-        token=TOKEN,
-        worker=worker,
-        version=0,
-        step=0,
-        offset=start,
-        count=end - start,
-        nbytes=sum(map(len, frames)),
-        nframes=len(frames),
-        dtype=DType.ONEBIT,
-        compression=Compression.ONEBIT,
-        bucket_size=BUCKET,
-    )
-    return msg(h, frames, ident=b"w%d" % worker)
-
-
 def whole_then_parts(
     cuts: dict[int, list[int]], mode: str = "sync"
 ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
@@ -423,14 +409,14 @@ def whole_then_parts(
     whole, _ = onebit_shard(trainable=TRAINABLE, workers=len(cuts), mode=mode)
     for w, g in enumerate(grads):
         ef = ErrorFeedback(TRAINABLE, BUCKET)
-        whole.handle(part_push(w, part_frames(ef, g, 0, COUNT), 0, COUNT))
+        whole.handle(frames_push(w, part_frames(ef, g, 0, COUNT)))
     parted, _ = onebit_shard(trainable=TRAINABLE, workers=len(cuts), mode=mode)
     residuals: list[np.ndarray] = []
     for w in reversed(range(len(grads))):  # the later worker's parts wait for their turn
         ef = ErrorFeedback(TRAINABLE, BUCKET)
         bounds = [0, *cuts[w], COUNT]
         for a, b in reversed(list(itertools.pairwise(bounds))):  # backward: the last part first
-            parted.handle(part_push(w, part_frames(ef, grads[w], a, b), a, b))
+            parted.handle(frames_push(w, part_frames(ef, grads[w], a, b), start=a, end=b))
         residuals.insert(0, ef.residual.numpy().copy())
     assert not whole.stats.rejected and not parted.stats.rejected
     assert whole.version == parted.version == 1
@@ -476,6 +462,6 @@ def test_a_part_laid_out_for_another_range_is_refused_and_changes_nothing(
 ) -> None:
     shard, _ = onebit_shard(trainable=TRAINABLE)
     before = shard.checksum()
-    shard.handle(part_push(0, frames, start, end))
+    shard.handle(frames_push(0, frames, start=start, end=end))
     assert dict(shard.stats.rejected) == {code.name: 1}
     assert shard.checksum() == before and 0 not in shard.pending
