@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from sgdjob import compression as c
+from sgdjob import onebit_kernels as kern
 from sgdjob.compression import (
     CompressionError,
     ErrorFeedback,
@@ -122,7 +123,7 @@ def test_the_host_and_device_kernels_produce_identical_results(n: int, bucket_si
     np.testing.assert_array_equal(host.scales, dev.scales)
     np.testing.assert_array_equal(r_host, r_dev.numpy())
     acc = torch.zeros(n)
-    c._decode_torch(acc, torch.from_numpy(host.bits), torch.from_numpy(host.scales), bucket_size)
+    kern.torch_decode(acc, torch.from_numpy(host.bits), torch.from_numpy(host.scales), bucket_size)
     np.testing.assert_array_equal(acc.numpy(), decoded(host))
 
 
@@ -363,10 +364,10 @@ def _old_select(m2: np.ndarray, s2: np.ndarray) -> np.ndarray:
 
 
 def _old_encode(g: np.ndarray, bucket_size: int) -> tuple[np.ndarray, np.ndarray]:
-    count, views = g.shape[0], c._bucket_views
+    count, views = g.shape[0], kern.bucket_views
     bits = np.zeros(c.bits_nbytes(count), dtype=np.uint8)
     scales = np.empty((c.num_buckets(count, bucket_size), 2), dtype=np.float32)
-    for b0, e0, e1 in c._chunks(count, bucket_size, 1 << 16):
+    for b0, e0, e1 in kern.chunks(count, bucket_size, 1 << 16):
         v = g[e0:e1]
         m = v >= 0
         packed = np.packbits(m, bitorder="little")
@@ -376,7 +377,7 @@ def _old_encode(g: np.ndarray, bucket_size: int) -> tuple[np.ndarray, np.ndarray
             pos = np.maximum(v2, 0).sum(axis=1, dtype=np.float64)
             neg = np.minimum(v2, 0).sum(axis=1, dtype=np.float64)
             n_pos = m2.view(np.uint8).sum(axis=1, dtype=np.int32)
-            minus, plus = c._means(pos, neg, n_pos, v2.shape[1])
+            minus, plus = kern.means(pos, neg, n_pos, v2.shape[1])
             scales[b : b + v2.shape[0]] = np.stack([minus, plus], axis=1)
             b += v2.shape[0]
     return bits, scales
@@ -385,7 +386,7 @@ def _old_encode(g: np.ndarray, bucket_size: int) -> tuple[np.ndarray, np.ndarray
 def _old_residual(v: np.ndarray, scales: np.ndarray, bucket_size: int) -> np.ndarray:
     """r = v - q for these scales, as the old second pass computed it."""
     r = np.empty_like(v)
-    views, b = c._bucket_views, 0
+    views, b = kern.bucket_views, 0
     for v2, r2 in zip(views(v, bucket_size), views(r, bucket_size), strict=True):
         np.subtract(v2, _old_select(v2 >= 0, scales[b : b + v2.shape[0]]), out=r2)
         b += v2.shape[0]
@@ -394,12 +395,11 @@ def _old_residual(v: np.ndarray, scales: np.ndarray, bucket_size: int) -> np.nda
 
 def _old_decode(acc: np.ndarray, enc: c.Encoded, alpha: float) -> None:
     scaled, bs = (enc.scales * alpha).astype(np.float32), enc.bucket_size
-    for b0, e0, e1 in c._chunks(acc.shape[0], bs, 1 << 16):
+    for b0, e0, e1 in kern.chunks(acc.shape[0], bs, 1 << 16):
         signs = np.unpackbits(enc.bits[e0 // 8 : -(-e1 // 8)], count=e1 - e0, bitorder="little")
         b = b0
-        for a2, m2 in zip(
-            c._bucket_views(acc[e0:e1], bs), c._bucket_views(signs.view(np.bool_), bs), strict=True
-        ):
+        views = kern.bucket_views
+        for a2, m2 in zip(views(acc[e0:e1], bs), views(signs.view(np.bool_), bs), strict=True):
             a2 += _old_select(m2, scaled[b : b + a2.shape[0]])
             b += a2.shape[0]
 
@@ -439,7 +439,7 @@ def _same_bits(a: np.ndarray, b: np.ndarray) -> None:
 def test_the_host_kernels_match_the_kernels_they_replaced(
     n: int, bucket_size: int, chunk: int, kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(c, "_HOST_CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(kern, "HOST_CHUNK_ELEMENTS", chunk)
     rng = np.random.default_rng([n, bucket_size, len(kind)])
     g = _awkward_vector(rng, n, kind)
     r0 = _awkward_vector(rng, n, kind) * np.float32(0.1)
@@ -471,3 +471,16 @@ def test_a_non_finite_value_is_told_apart_from_a_malformed_payload_by_its_type()
     with pytest.raises(CompressionError) as err:
         validate_payload(bits, np.array([[1.0, 1.0]], np.float32), count=8, bucket_size=8)
     assert not isinstance(err.value, c.NotFiniteError)  # mu_minus > 0: malformed, not NaN
+
+
+def test_the_mirror_update_refuses_a_read_only_mirror_or_another_shape() -> None:
+    params = np.ones(16, np.float32)
+    frozen = np.zeros(16, np.float32)
+    frozen.flags.writeable = False
+    with pytest.raises(CompressionError, match="mirror must be writable"):
+        c.encode_mirror_update(params, frozen, 8)
+    with pytest.raises(CompressionError, match="one shape"):
+        c.encode_mirror_update(params, np.zeros(8, np.float32), 8)
+    mirror = np.zeros(16, np.float32)
+    enc = c.encode_mirror_update(params, mirror, 8)
+    np.testing.assert_array_equal(mirror, decoded(enc))  # the mirror moved by what was sent

@@ -2,7 +2,9 @@
 
 This module owns the numbers only: how a float32 vector becomes bits plus scales, how those are
 checked when they arrive from a peer, and how they are added back into an accumulator. It does
-no I/O and imports no zmq; the transport frames the two buffers it produces.
+no I/O and imports no zmq; the transport frames the two buffers it produces. The arithmetic itself,
+chunked for the CPU's cache or run as torch ops on an accelerator, is ``sgdjob.onebit_kernels``;
+this module checks what goes in and what comes back.
 
 Algorithm (Seide, Fu, Droppo, Li, Yu, "1-Bit Stochastic Gradient Descent and its Application to
 Data-Parallel Distributed Training of Speech DNNs", Interspeech 2014):
@@ -44,27 +46,18 @@ or (one copy cheaper, and exact) ``sgdjob.mirror.ParameterMirror``.
 from __future__ import annotations
 
 import math
-import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 from typing_extensions import Buffer
 
+from sgdjob import onebit_kernels as kernels
+
 CODEC_VERSION = 1
 """Version of the bit order / bucket layout above; the transport puts it in the header."""
 
 _SCALES_DTYPE = np.dtype("<f4")
-# CPU kernels walk the vector in runs of about this many elements (whole buckets) so their
-# temporaries stay in cache (2 MiB per float32 buffer: L3); large fresh temporaries cost page
-# faults that dominate runtime, and shorter runs pay the per-call overhead of ~20 numpy/torch
-# calls per run too often (measured best at 2**19 for 10M elements on a 2-core EPYC).
-_HOST_CHUNK_ELEMENTS = 1 << 19
-# Accelerators decode in bigger runs: fewer kernel launches, still bounded temporaries.
-_DEVICE_CHUNK_ELEMENTS = 1 << 22
-
 Vector = torch.Tensor | np.ndarray
 # What arrives off a socket (bytes, memoryview, zmq.Frame.buffer) or an Encoded's arrays.
 Payload = Buffer | np.ndarray
@@ -147,43 +140,6 @@ def _as_vector(x: Vector, what: str) -> np.ndarray | torch.Tensor:
     raise CompressionError(f"{what} must be a numpy array or torch tensor, not {type(x)}")
 
 
-def _chunks(count: int, bucket_size: int, target: int) -> Iterator[tuple[int, int, int]]:
-    """(first bucket, first element, end element) of runs of whole buckets, ~target elements.
-
-    Every run holds a multiple of 8 elements (except the last), so every run starts on a byte
-    of the bits buffer. Looping over runs (not buckets, not elements) keeps the temporaries in
-    cache on the CPU and bounds them on an accelerator.
-    """
-    step = 8 // math.gcd(bucket_size, 8)
-    span = max(step, (target // bucket_size) // step * step) * bucket_size
-    for e0 in range(0, count, span):
-        yield e0 // bucket_size, e0, min(count, e0 + span)
-
-
-def _span(chunks: list[tuple[int, int, int]]) -> int:
-    """Elements in the longest run of ``_chunks`` (the first one)."""
-    return chunks[0][2] - chunks[0][1] if chunks else 0
-
-
-def _bucket_views(x: Any, bucket_size: int) -> list[Any]:
-    """A run of elements as 2-D views: (full buckets, bucket_size), then (1, partial tail)."""
-    n = x.shape[0]
-    full = n // bucket_size * bucket_size
-    views = [x[:full].reshape(-1, bucket_size)] if full else []
-    if full < n:
-        views.append(x[full:].reshape(1, -1))
-    return views
-
-
-def _means(pos_sum: Any, neg_sum: Any, n_pos: Any, width: Any) -> tuple[Any, Any]:
-    """float64 sums and counts -> (mu_minus, mu_plus); an empty side divides 0 by 1, giving 0.
-
-    Each side is summed on its own (not total - positive): a difference of two large sums
-    would cancel away a small side's mean.
-    """
-    return neg_sum / np.maximum(width - n_pos, 1), pos_sum / np.maximum(n_pos, 1)
-
-
 def _check_scales_finite(scales: np.ndarray) -> None:
     bad = ~np.isfinite(scales).all(axis=1)
     if bad.any():
@@ -191,215 +147,50 @@ def _check_scales_finite(scales: np.ndarray) -> None:
         raise NotFiniteError(f"cannot encode: bucket {bucket} holds a NaN or an infinity")
 
 
-# Host (numpy) kernels: run on cache-sized chunks, so every temporary is chunk-sized. Where torch's
-# CPU ops are several times faster than numpy's (clamp, int32 ops with a broadcast operand) they
-# run on zero-copy torch views of the same memory; every such op is exact, so results are the same.
-
-
-class _HostScratch(threading.local):
-    """Chunk-sized work buffers, one set per thread, reused across chunks and calls.
-
-    Allocating the temporaries per chunk costs more than the arithmetic on them (malloc, and page
-    faults above malloc's mmap threshold). 17 bytes per element of the longest chunk seen.
-    """
-
-    size = 0
-
-    def get(self, span: int) -> _HostScratch:
-        if span > self.size:
-            self.v, self.mask = np.empty(span, np.float32), np.empty(span, np.bool_)
-            self.sel = np.empty(span, np.int32)
-            self.tv, self.tmask, self.tsel = map(torch.from_numpy, (self.v, self.mask, self.sel))
-            self.v64 = torch.empty(span, dtype=torch.float64)
-            self.size = span
-        return self
-
-
-_scratch = _HostScratch()
-_bitwise_count = getattr(np, "bitwise_count", None)  # numpy >= 2.0
-
-
-def _host_values(
-    g: np.ndarray, state: np.ndarray | None, mirror: bool, e0: int, e1: int, out: np.ndarray
-) -> np.ndarray:
-    """``v`` for elements ``e0:e1`` into ``out``: ``g``, ``g + residual`` or ``g - mirror``."""
-    if state is None:
-        np.copyto(out, g[e0:e1])
-        return out
-    return (np.subtract if mirror else np.add)(g[e0:e1], state[e0:e1], out=out)
-
-
-def _select_words(scales: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per bucket int32 words ``(minus, minus ^ plus)``: ``q = minus ^ (b * (minus ^ plus))``.
-
-    The selected values are what ``b * plus + (1 - b) * minus`` gives in float32, i.e. ``plus +
-    0 * minus`` and ``0 * plus + minus``: ``plus`` and ``minus`` up to the sign of a zero scale.
-    Selecting bit patterns with an int32 multiply and xor is exact and several times faster than
-    two float multiplies of a bool mask (numpy casts the mask in buffers) or any masked select.
-    """
-    zero = np.float32(0)
-    plus = scales[:, 1] + zero * scales[:, 0]
-    minus = zero * scales[:, 1] + scales[:, 0]
-    base = minus.view(np.int32)
-    flip = base ^ plus.view(np.int32)
-    return torch.from_numpy(base.reshape(-1, 1)), torch.from_numpy(flip.reshape(-1, 1))
-
-
-def _host_select(
-    sel: torch.Tensor, b0: int, base: torch.Tensor, flip: torch.Tensor, bucket_size: int
-) -> np.ndarray:
-    """Turn ``sel`` (int32 bits 0/1 of buckets ``b0...``) into the float32 q, in place."""
-    b = b0
-    for s2 in _bucket_views(sel, bucket_size):
-        rows = s2.shape[0]
-        torch.mul(s2, flip[b : b + rows], out=s2)
-        torch.bitwise_xor(s2, base[b : b + rows], out=s2)
-        b += rows
-    return sel.numpy().view(np.float32)
-
-
-def _row_sums(x: torch.Tensor, bucket_size: int) -> np.ndarray:
-    """float64 sums of a run's buckets (the last may be short), in torch's order."""
-    return np.concatenate([rows.sum(dim=1).numpy() for rows in _bucket_views(x, bucket_size)])
-
-
-def _host_first_pass(
-    g: np.ndarray,
-    bucket_size: int,
-    state: np.ndarray | None,
-    mirror: bool,
-    chunks: list[tuple[int, int, int]],
-    bits: np.ndarray,
-    scales: np.ndarray,
-) -> None:
-    """Fill ``bits`` and ``scales`` for ``v`` (see ``_host_values``); writes nothing else.
-
-    The float64 bucket sums run in torch, several times faster than numpy's float32 -> float64
-    sums. Each side is summed on its own (see ``_means``), over exact float64 copies of the
-    float32 values; only the order of the additions differs from numpy's, which can move a
-    mean by one float32 ulp at most. The receiver decodes whatever scales are sent, and the
-    sender's residual is computed from those same scales, so error feedback stays exact.
-    """
-    sc = _scratch.get(_span(chunks))
-    n_buckets = scales.shape[0]
-    sums = np.empty((2, n_buckets))  # [sum of v >= 0, sum of v < 0] per bucket
-    n_pos = np.empty(n_buckets, np.int32)  # bucket_size < 2**31
-    for b0, e0, e1 in chunks:
-        n = e1 - e0
-        if state is None and g.flags.writeable:  # else torch refuses to wrap it: copy it
-            v, tv = g[e0:e1], torch.from_numpy(g[e0:e1])
-        else:
-            v, tv = _host_values(g, state, mirror, e0, e1, sc.v[:n]), sc.tv[:n]
-        m = np.greater_equal(v, 0, out=sc.mask[:n])
-        packed = np.packbits(m, bitorder="little")
-        bits[e0 // 8 : e0 // 8 + packed.size] = packed
-        # Set bits per bucket: a popcount of the packed bytes where buckets are whole bytes,
-        # else a uint8 sum of the flags (several times faster than np.count_nonzero(axis=1)).
-        if _bitwise_count is not None and bucket_size % 8 == 0:
-            flags, width = _bitwise_count(packed), bucket_size // 8
-        else:
-            flags, width = m.view(np.uint8), bucket_size
-        b = b0
-        for m2 in _bucket_views(flags, width):
-            m2.sum(axis=1, dtype=np.int32, out=n_pos[b : b + m2.shape[0]])
-            b += m2.shape[0]
-        # Clamping in place (faster than out of place) a float64 copy of v, once per side. A
-        # NaN is no v >= 0, and the clamps keep it: its bucket's mean is NaN and is refused.
-        v64 = sc.v64[:n]
-        pos = _row_sums(v64.copy_(tv).clamp_(min=0), bucket_size)
-        neg = _row_sums(v64.copy_(tv).clamp_(max=0), bucket_size)
-        sums[0, b0 : b0 + pos.size], sums[1, b0 : b0 + neg.size] = pos, neg
-    widths = np.full(n_buckets, bucket_size, dtype=np.int32)
-    if n_buckets:
-        widths[-1] = g.shape[0] - (n_buckets - 1) * bucket_size
-    sums += 0.0  # -0.0 -> +0.0: a side of zeros has the mean +0.0, whatever their signs
-    scales[:] = np.stack(_means(sums[0], sums[1], n_pos, widths)).astype(np.float32).T
-
-
 def _quantize_host(
     g: np.ndarray, bucket_size: int, state: np.ndarray | None, *, mirror: bool = False
 ) -> Encoded:
     """Encode ``v = g + state`` and set ``state <- v - q`` (error feedback); or, with ``mirror``,
     encode ``v = g - state`` and set ``state <- state + q`` (``ParameterMirror``: exactly the
-    float32 add ``decode_into`` makes on the worker). No state: encode ``g``."""
+    float32 add ``decode_into`` makes on the worker). No state: encode ``g``. The state is
+    written only once every bucket encoded: on ``NotFiniteError`` it is untouched."""
     count = g.shape[0]
     bits = np.empty(bits_nbytes(count), dtype=np.uint8)  # every byte is written (padding: 0)
     scales = np.empty((num_buckets(count, bucket_size), 2), dtype=np.float32)
-    chunks = list(_chunks(count, bucket_size, _HOST_CHUNK_ELEMENTS))
     # A NaN or an infinity in v is reported by _check_scales_finite, not as a numpy warning.
     with np.errstate(invalid="ignore"):
-        _host_first_pass(g, bucket_size, state, mirror, chunks, bits, scales)
+        kernels.host_encode(g, bucket_size, state, mirror=mirror, bits=bits, scales=scales)
     _check_scales_finite(scales)
     if state is not None:
-        # Second pass, only once every bucket encoded. Recomputing v costs a re-read but needs
-        # no full-size scratch and leaves the state intact on failure.
-        sc = _scratch.get(_span(chunks))
-        base, flip = _select_words(scales)
-        for b0, e0, e1 in chunks:
-            v = _host_values(g, state, mirror, e0, e1, sc.v[: e1 - e0])
-            np.greater_equal(v, 0, out=sc.mask[: e1 - e0])
-            sel = sc.tsel[: e1 - e0].copy_(sc.tmask[: e1 - e0])
-            q = _host_select(sel, b0, base, flip, bucket_size)
-            if mirror:
-                np.add(state[e0:e1], q, out=state[e0:e1])
-            else:
-                np.subtract(v, q, out=state[e0:e1])
+        kernels.host_feedback(g, bucket_size, state, mirror=mirror, scales=scales)
     return Encoded(bits=bits, scales=scales, count=count, bucket_size=bucket_size)
 
 
-def _encode_mirror_update(params: np.ndarray, mirror: np.ndarray, bucket_size: int) -> Encoded:
+def encode_mirror_update(params: np.ndarray, mirror: np.ndarray, bucket_size: int) -> Encoded:
     """``quantize(params - mirror)``, then ``mirror += q`` as ``decode_into`` adds it, in two
-    passes: no full-size difference, no unpacking of the bits. For ``ParameterMirror``, which
-    passes float32 1-D arrays of one shape (``mirror`` its own, writable)."""
+    passes: no full-size difference, no unpacking of the bits. For ``ParameterMirror``: float32
+    1-D CPU arrays of one shape, ``mirror`` writable (refused otherwise)."""
     v = _as_vector(params, "params")
+    m = _as_vector(mirror, "mirror")
     _check_sizes(v.shape[0], bucket_size)
-    _as_vector(mirror, "mirror")  # float32, 1-D, contiguous
-    assert isinstance(v, np.ndarray) and mirror.shape == v.shape and mirror.flags.writeable
-    return _quantize_host(v, bucket_size, mirror, mirror=True)
-
-
-# Device (torch) kernels: the same maths with torch ops on the input's device, whole vector.
-
-
-def _pack_bits_torch(mask: torch.Tensor) -> torch.Tensor:
-    """Pack a 1-D bool tensor on its own device, LSB first; returns uint8 of ceil(n/8)."""
-    m = mask.to(torch.uint8)
-    pad = (-m.numel()) % 8
-    if pad:
-        m = torch.cat([m, m.new_zeros(pad)])
-    weights = torch.tensor([1 << k for k in range(8)], dtype=torch.uint8, device=m.device)
-    # Distinct powers of two: the int32 sum is at most 255, so the uint8 cast is exact.
-    return (m.view(-1, 8) * weights).sum(dim=1, dtype=torch.int32).to(torch.uint8)
+    if not isinstance(v, np.ndarray) or not isinstance(m, np.ndarray) or m.shape != v.shape:
+        raise CompressionError("params and mirror must be CPU vectors of one shape")
+    if not m.flags.writeable:
+        raise CompressionError("mirror must be writable")
+    return _quantize_host(v, bucket_size, m, mirror=True)
 
 
 def _quantize_torch(g: torch.Tensor, bucket_size: int, residual: torch.Tensor | None) -> Encoded:
     """Temporaries on g's device: v = g + r (float32), the sign mask, q (float32), full size."""
-    count = g.numel()
     v = g if residual is None else g + residual
     mask = v >= 0
-    parts = []
-    for v2, m2 in zip(_bucket_views(v, bucket_size), _bucket_views(mask, bucket_size), strict=True):
-        pos = v2.clamp(min=0).sum(dim=1, dtype=torch.float64)
-        neg = v2.clamp(max=0).sum(dim=1, dtype=torch.float64)
-        n_pos = m2.sum(dim=1, dtype=torch.float64)
-        minus = neg / (v2.shape[1] - n_pos).clamp(min=1)
-        parts.append(torch.stack([minus, pos / n_pos.clamp(min=1)], dim=1))
-    scales = torch.cat(parts).to(torch.float32) if parts else g.new_zeros((0, 2))
+    scales = kernels.torch_scales(v, mask, bucket_size)
     scales_host = scales.cpu().numpy()  # the only device->host copies: scales and bits
     _check_scales_finite(scales_host)
-    bits = _pack_bits_torch(mask).cpu().numpy()
+    bits = kernels.torch_pack_bits(mask).cpu().numpy()
     if residual is not None:
-        b = 0
-        for v2, m2, r2 in zip(
-            _bucket_views(v, bucket_size),
-            _bucket_views(mask, bucket_size),
-            _bucket_views(residual, bucket_size),
-            strict=True,
-        ):
-            s2 = scales[b : b + v2.shape[0]]
-            torch.sub(v2, torch.where(m2, s2[:, 1:2], s2[:, 0:1]), out=r2)
-            b += v2.shape[0]
-    return Encoded(bits=bits, scales=scales_host, count=count, bucket_size=bucket_size)
+        kernels.torch_feedback(v, mask, scales, residual, bucket_size)
+    return Encoded(bits=bits, scales=scales_host, count=g.numel(), bucket_size=bucket_size)
 
 
 def quantize(g: Vector, bucket_size: int, *, residual: Vector | None = None) -> Encoded:
@@ -573,7 +364,7 @@ def decode_into(
             raise CompressionError(
                 f"acc must be a writable contiguous 1-D float32 array of {count} elements"
             )
-        _decode_host(acc, bits_arr, scaled, bucket_size)
+        kernels.host_decode(acc, bits_arr, scaled, bucket_size)
         return
     if not isinstance(acc, torch.Tensor):
         raise CompressionError(f"acc must be a numpy array or torch tensor, not {type(acc)}")
@@ -583,26 +374,4 @@ def decode_into(
         raise CompressionError(f"acc has {acc.numel()} elements, payload has {count}")
     # copy: socket buffers are read-only, and torch wants writable memory to wrap.
     bits_t = torch.from_numpy(bits_arr.copy()).to(acc.device)
-    _decode_torch(acc, bits_t, torch.from_numpy(scaled).to(acc.device), bucket_size)
-
-
-def _decode_host(acc: np.ndarray, bits: np.ndarray, scaled: np.ndarray, bucket_size: int) -> None:
-    chunks = list(_chunks(acc.shape[0], bucket_size, _HOST_CHUNK_ELEMENTS))
-    sc = _scratch.get(_span(chunks))
-    base, flip = _select_words(scaled)
-    for b0, e0, e1 in chunks:
-        signs = np.unpackbits(bits[e0 // 8 : -(-e1 // 8)], count=e1 - e0, bitorder="little")
-        sel = sc.tsel[: e1 - e0].copy_(torch.from_numpy(signs))
-        np.add(acc[e0:e1], _host_select(sel, b0, base, flip, bucket_size), out=acc[e0:e1])
-
-
-def _decode_torch(acc: torch.Tensor, bits: torch.Tensor, scaled: torch.Tensor, bs: int) -> None:
-    shifts = torch.arange(8, dtype=torch.uint8, device=acc.device)
-    for b0, e0, e1 in _chunks(acc.numel(), bs, _DEVICE_CHUNK_ELEMENTS):
-        chunk = bits[e0 // 8 : -(-e1 // 8)]
-        signs = ((chunk.unsqueeze(1) >> shifts) & 1).view(-1)[: e1 - e0].bool()
-        b = b0
-        for a2, m2 in zip(_bucket_views(acc[e0:e1], bs), _bucket_views(signs, bs), strict=True):
-            s2 = scaled[b : b + a2.shape[0]]
-            a2 += torch.where(m2, s2[:, 1:2], s2[:, 0:1])
-            b += a2.shape[0]
+    kernels.torch_decode(acc, bits_t, torch.from_numpy(scaled).to(acc.device), bucket_size)

@@ -19,8 +19,8 @@ import numpy as np
 from sgdjob.compression import (
     CompressionError,
     Encoded,
-    _encode_mirror_update,
     decode_into,
+    encode_mirror_update,
     quantize,
 )
 
@@ -47,7 +47,7 @@ class ParameterMirror:
         if params.dtype == np.float32 and params.flags.c_contiguous:
             # One fused kernel: the same float32 subtraction, encoding and float32 add as below,
             # chunk by chunk, with no full-size difference and no unpacking of the bits.
-            return _encode_mirror_update(params, self.mirror, self.bucket_size)
+            return encode_mirror_update(params, self.mirror, self.bucket_size)
         delta = np.subtract(params, self.mirror, out=np.empty_like(self.mirror))
         enc = quantize(delta, self.bucket_size)
         decode_into(
