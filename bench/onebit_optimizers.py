@@ -80,6 +80,14 @@ def _decoded(ef: ErrorFeedback, v: torch.Tensor) -> np.ndarray:
     return out
 
 
+def _mean_decoded(codecs: list[ErrorFeedback], gs: list[torch.Tensor]) -> np.ndarray:
+    """The shard's average of the workers' 1-bit messages, each decoded in float32."""
+    total = np.zeros(gs[0].numel(), np.float32)
+    for ef, g in zip(codecs, gs, strict=True):
+        total += _decoded(ef, g)
+    return total / np.float32(WORKERS)
+
+
 def run(
     variant: str,
     *,
@@ -114,13 +122,13 @@ def run(
     for t in range(1, steps + 1):
         gs = [grad() for _ in range(WORKERS)]
         if variant == "fp32":
-            shard.step((sum(gs) / WORKERS).numpy(), lr=LR)
+            shard.step((torch.stack(gs).sum(dim=0) / WORKERS).numpy(), lr=LR)
         elif variant == "onebit-grad":
-            shard.step(sum(_decoded(codecs[w], g) for w, g in enumerate(gs)) / WORKERS, lr=LR)
+            shard.step(_mean_decoded(codecs, gs), lr=LR)
         else:  # onebit-update: each worker's step, 1-bit; the shard subtracts the average
             for w, g in enumerate(gs):
                 local[w].apply(torch.from_numpy(x), g, lr=LR)  # g becomes the descent
-            x -= sum(_decoded(codecs[w], g) for w, g in enumerate(gs)) / WORKERS
+            x -= _mean_decoded(codecs, gs)
         if t % eval_every == 0 or t == steps:
             torch.nn.utils.vector_to_parameters(torch.from_numpy(x), params)
             with torch.no_grad():

@@ -70,7 +70,7 @@ def status(url: str) -> dict[str, Any]:
         return dict(json.loads(r.read()))
 
 
-def curve_client(sock: zmq.Socket, keys: JobKeys = KEYS) -> None:  # type: ignore[type-arg]
+def curve_client(sock: zmq.Socket, keys: JobKeys = KEYS) -> None:
     """Give a socket ``keys``' client pair (the job's own by default: an insider)."""
     sock.curve_serverkey = keys.server_public.encode()
     sock.curve_publickey = keys.client_public.encode()

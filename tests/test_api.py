@@ -4,7 +4,7 @@ from sgdjob.api.validation import SpecError, parse_job, parse_job_text, validate
 from tests.conftest import job_doc
 
 
-def paths_of(doc: dict) -> list[str]:  # type: ignore[type-arg]
+def paths_of(doc: dict) -> list[str]:
     with pytest.raises(SpecError) as err:
         parse_job(doc)
     return err.value.paths
@@ -42,7 +42,7 @@ def test_a_valid_job_parses_with_defaults() -> None:
         ({"compression": {"kind": "twobit"}}, "spec.compression.kind"),
     ],
 )
-def test_a_bad_field_is_named_by_its_path(spec: dict, path: str) -> None:  # type: ignore[type-arg]
+def test_a_bad_field_is_named_by_its_path(spec: dict, path: str) -> None:
     assert path in paths_of(job_doc(**spec))
 
 
@@ -80,7 +80,7 @@ def test_a_round_tripped_spec_validates_again() -> None:
     assert validate_spec(json.loads(spec_to_json(job.spec))) == job.spec
 
 
-def with_resources(requests: dict, limits: dict | None = None) -> dict:  # type: ignore[type-arg]
+def with_resources(requests: dict, limits: dict | None = None) -> dict:
     return job_doc(kubernetes={"psResources": {"requests": requests, "limits": limits or {}}})
 
 

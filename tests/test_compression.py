@@ -265,11 +265,11 @@ def test_a_bad_accumulator_or_argument_is_rejected_before_any_write(
     acc: np.ndarray | torch.Tensor, kwargs: dict[str, object]
 ) -> None:
     bits, scales = _good_payload()
-    before = acc.copy() if isinstance(acc, np.ndarray) else acc.clone()
+    before = torch.as_tensor(acc).clone()
     args: dict = {"count": 100, "bucket_size": 16, **kwargs}
     with pytest.raises(CompressionError):
         decode_into(acc, bits, scales, **args)
-    assert (acc == before).all()
+    assert torch.equal(torch.as_tensor(acc), before)
 
 
 def test_validate_returns_zero_copy_views_of_read_only_socket_buffers() -> None:

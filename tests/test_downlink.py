@@ -8,6 +8,7 @@ import random
 import numpy as np
 import pytest
 
+from sgdjob.compression import Encoded
 from sgdjob.downlink import Downlink, Reply
 from sgdjob.mirror import ParameterMirror
 from sgdjob.onebit_wire import SliceSplit, apply_update, validate
@@ -52,11 +53,14 @@ def step(params: np.ndarray, rng: np.random.Generator) -> None:
 def test_workers_in_step_get_one_encoding_and_the_same_bytes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    encodes = []
+    encodes: list[int] = []
     real = ParameterMirror.encode_update
-    monkeypatch.setattr(
-        ParameterMirror, "encode_update", lambda m, p: encodes.append(1) or real(m, p)
-    )
+
+    def counted(mirror: ParameterMirror, params: np.ndarray) -> Encoded:
+        encodes.append(1)
+        return real(mirror, params)
+
+    monkeypatch.setattr(ParameterMirror, "encode_update", counted)
     rng = np.random.default_rng(0)
     params = rng.standard_normal(COUNT).astype(np.float32)
     down, workers = downlink(params), [Worker(i) for i in range(3)]

@@ -41,7 +41,7 @@ from tests.test_fuzz_shard import Rig
 SECRET = "t"  # the token of tests.test_shard, which the message builders use
 SIZE = 64 * 32 + 32 + 32 * 10 + 10  # the digits MLP with one hidden layer of 32
 MESSAGES = 10_000
-JOBS = {
+JOBS: dict[str, dict[str, Any]] = {
     "fp32": {},
     "fp32 async": {"training": {"mode": "async", "staleness": "zhang"}},
     "1-bit": {"compression": {"kind": "onebit", "bucketSize": BUCKET, "serverToWorker": True}},
@@ -80,7 +80,8 @@ def twin(spec: SGDJobSpec) -> Shard:
 def rejected_messages(spec: SGDJobSpec, onebit: bool, n: int, seed: int) -> list[tuple[Wire, str]]:
     """``n`` random and mutated messages that a fresh shard rejects, with the reason."""
     rig = Rig(random.Random(seed), onebit=onebit, shard=twin(spec))
-    rng, checks, out = rig.rng, checks_for(rig), []
+    rng, checks = rig.rng, checks_for(rig)
+    out: list[tuple[Wire, str]] = []
     while len(out) < n:
         roll = rng.random()
         if roll < 0.4:
@@ -215,7 +216,7 @@ def test_an_async_shard_process_survives_a_push_claiming_the_last_u64_step(
         [hello],
     ):
         sock.send_multipart(frames)
-    replies = []
+    replies: list[Header] = []
     while len(replies) < 3 and sock.poll(10_000):
         replies.append(parse_header(sock.recv(), token=token))
     assert [r.op for r in replies] == [Op.WELCOME, Op.ERROR, Op.WELCOME]

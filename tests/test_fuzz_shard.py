@@ -23,6 +23,7 @@ import zmq
 
 from sgdjob.compression import CompressionError, quantize, validate_payload
 from sgdjob.onebit_wire import SliceSplit
+from sgdjob.optim import SliceOptimizer
 from sgdjob.protocol import (
     MAX_FRAME_BYTES,
     Compression,
@@ -95,7 +96,7 @@ class Rig:
         self.split = SliceSplit.of(self.shard.slice, trainable)
         self.send = PackingSend()
         self.shard.send = self.send
-        self.rng = rng
+        self.rng: random.Random = rng
         self.onebit = onebit
         self.n_workers = self.shard.n_workers
 
@@ -155,6 +156,8 @@ class Rig:
     # -- the shard's state, and sending ---------------------------------------------------
     def state(self) -> tuple[Any, ...]:
         s = self.shard
+        assert isinstance(s.opt, SliceOptimizer)  # no rig sends updates
+        momentum = s.opt.arrays["momentum"]
         workers = {
             w: (x.pushes, x.pulls, x.hellos, x.dropped, x.step, x.samples, x.loss)
             for w, x in s.stats.workers.items()
@@ -162,7 +165,7 @@ class Rig:
         pulls = [(p.identity, p.worker, p.min_version, p.final) for p in s.pulls]
         return (
             s.checksum(),
-            zlib.crc32(s.opt.arrays["momentum"].tobytes()),
+            zlib.crc32(momentum.tobytes()),
             s.version,
             s.total_steps,
             frozenset(s.done),
@@ -256,7 +259,7 @@ def invalid_because(rig: Rig, wire: Wire, version_before: int, steps: int | None
     return None
 
 
-RIGS = {
+RIGS: dict[str, dict[str, Any]] = {
     "fp32 sync with a backup worker": dict(onebit=False, backupWorkers=1),
     "fp32 async zhang": dict(onebit=False, mode="async", staleness="zhang", maxStaleness=4),
     "1-bit sync": dict(onebit=True),

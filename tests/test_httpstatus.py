@@ -78,8 +78,13 @@ def test_status_and_metrics_still_answer() -> None:
 
 def test_the_checksum_is_computed_once_per_parameter_version() -> None:
     version = [0]
-    passes = []
-    cached = CachedChecksum(lambda: passes.append(1) or 42, key=lambda: version[0])
+    passes: list[int] = []
+
+    def checksum() -> int:
+        passes.append(1)
+        return 42
+
+    cached = CachedChecksum(checksum, key=lambda: version[0])
     threads = [threading.Thread(target=lambda: [cached() for _ in range(100)]) for _ in range(4)]
     for t in threads:
         t.start()

@@ -61,7 +61,7 @@ def test_the_fused_update_equals_subtract_quantize_decode_bit_for_bit(dtype: typ
     # plain sequence gives (and what a worker's decode_into reproduces), on non-grid floats.
     rng = np.random.default_rng(1)
     n, bucket = 70_001, 512
-    params = (rng.standard_normal(n) * np.exp(rng.uniform(-20, 5, n))).astype(dtype)
+    params: np.ndarray = (rng.standard_normal(n) * np.exp(rng.uniform(-20, 5, n))).astype(dtype)
     shard = ParameterMirror(params, bucket)
     plain = shard.mirror.copy()
     for _ in range(4):

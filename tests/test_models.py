@@ -70,7 +70,7 @@ def test_the_flat_vector_holds_parameters_then_buffers_and_pulls_load_them() -> 
     assert a.trainable == 4 * 3 + 3 + 3 + 3 and a.size == a.trainable + 3 + 3 + 1
     a.model(torch.randn(8, 4)).sum().backward()
     a.buffer_deltas()  # what this forward did to the running statistics
-    bn = a.model[1]
+    bn = list(a.model.children())[1]
     assert isinstance(bn, nn.BatchNorm1d) and bn.running_mean is not None
     moved = a.grads[a.trainable : a.trainable + 3]
     torch.testing.assert_close(moved, bn.running_mean)  # from zeros
@@ -79,7 +79,7 @@ def test_the_flat_vector_holds_parameters_then_buffers_and_pulls_load_them() -> 
     b.params.copy_(a.params)
     b.params[a.trainable :] += a.grads[a.trainable :]
     b.load_buffers()
-    bn_b = b.model[1]
+    bn_b = list(b.model.children())[1]
     assert isinstance(bn_b, nn.BatchNorm1d)
     torch.testing.assert_close(bn_b.running_mean, bn.running_mean)
-    assert int(bn_b.num_batches_tracked) == 1
+    assert bn_b.num_batches_tracked is not None and int(bn_b.num_batches_tracked) == 1

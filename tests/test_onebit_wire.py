@@ -210,7 +210,7 @@ def test_onebit_sends_at_most_a_28th_of_fp32_bytes_per_step(run_job: Any) -> Non
     ],
     ids=["backup", "async", "downpour"],
 )
-def test_onebit_works_in_every_mode_both_directions(run_job: Any, training: dict) -> None:  # type: ignore[type-arg]
+def test_onebit_works_in_every_mode_both_directions(run_job: Any, training: dict) -> None:
     doc = job_doc(
         "modes",
         workers={"replicas": 2},
@@ -265,8 +265,8 @@ def decoded(grad: np.ndarray) -> np.ndarray:
     return q
 
 
-G0 = np.linspace(-1, 1, COUNT, dtype=np.float32)
-G1 = (np.arange(COUNT, dtype=np.float32) - 7) / 3
+G0: np.ndarray = np.linspace(-1, 1, COUNT, dtype=np.float32)
+G1: np.ndarray = (np.arange(COUNT, dtype=np.float32) - 7) / 3
 
 
 @pytest.mark.parametrize("trainable", [TRAINABLE, 0], ids=["some buffers", "only buffers"])

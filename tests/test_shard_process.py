@@ -18,7 +18,7 @@ from tests.conftest import job_doc
 from tests.live_shard import KEYS, curve_client, shard_process, status
 
 
-def dealer(ctx: zmq.Context, endpoint: str, keys: JobKeys | None = KEYS) -> zmq.Socket:  # type: ignore[type-arg]
+def dealer(ctx: zmq.Context, endpoint: str, keys: JobKeys | None = KEYS) -> zmq.Socket:
     """A DEALER to the shard, holding ``keys``' client pair (None: no CURVE at all)."""
     sock = ctx.socket(zmq.DEALER)
     sock.linger = 0

@@ -82,6 +82,10 @@ async def wait_until(check: Callable[[], bool], *, deadline: float) -> float:
     raise TimeoutError("benchmark deadline reached")
 
 
+def _created_at_least(metrics: OperatorMetrics, target: int) -> Callable[[], bool]:
+    return lambda: metrics.children_created >= target
+
+
 async def latency(
     session: aiohttp.ClientSession,
     base: str,
@@ -97,7 +101,7 @@ async def latency(
         target = metrics.children_created + 3 + 2 + 4
         t0 = time.monotonic()
         await create_job(session, base, job_body(f"lat-{i}", shards=2, workers=4))
-        t1 = await wait_until(lambda t=target: metrics.children_created >= t, deadline=deadline)
+        t1 = await wait_until(_created_at_least(metrics, target), deadline=deadline)
         times.append(t1 - t0)
     return times
 
@@ -207,6 +211,8 @@ async def run(jobs: int, repeats: int, budget: float) -> str:
             metrics = state.config.metrics
             await asyncio.sleep(0.5)  # let Kopf start its watches
             lat = await latency(session, base, metrics, repeats=repeats, deadline=deadline)
+            t_children: float | None
+            t_status: float | None
             try:
                 t_children, t_status = await scale(
                     session, base, metrics, jobs=jobs, deadline=deadline

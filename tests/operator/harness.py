@@ -18,7 +18,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from kubernetes import client as k8s
@@ -87,7 +87,7 @@ class Cluster:
             self.custom.create_namespaced_custom_object,
             "sgdjob.dev", "v1alpha1", self.ns, "sgdjobs", body,
         )  # fmt: skip
-        return str(got["metadata"]["uid"])
+        return str(cast(dict[str, Any], got)["metadata"]["uid"])
 
     async def delete_job(self, name: str) -> None:
         await asyncio.to_thread(
@@ -97,7 +97,8 @@ class Cluster:
 
     def _node(self, node: str) -> None:
         try:
-            self.core.create_node({"metadata": {"name": node, "labels": {"sgdjob.test": "fake"}}})
+            meta = k8s.V1ObjectMeta(name=node, labels={"sgdjob.test": "fake"})
+            self.core.create_node(k8s.V1Node(metadata=meta))
         except ApiException as err:
             if err.status != 409:
                 raise
@@ -108,12 +109,12 @@ class Cluster:
         node = (patch.get("spec") or {}).get("nodeName")
         if node:
             await asyncio.to_thread(self._node, node)
-            binding = {
-                "apiVersion": "v1",
-                "kind": "Binding",
-                "metadata": {"name": name},
-                "target": {"apiVersion": "v1", "kind": "Node", "name": node},
-            }
+            binding = k8s.V1Binding(
+                api_version="v1",
+                kind="Binding",
+                metadata=k8s.V1ObjectMeta(name=name),
+                target=k8s.V1ObjectReference(api_version="v1", kind="Node", name=node),
+            )
             await asyncio.to_thread(
                 self.core.create_namespaced_pod_binding, name, self.ns, binding,
                 _preload_content=False,

@@ -100,18 +100,18 @@ async def test_a_leftover_child_of_another_owner_is_never_adopted(cluster: Clust
     owner = await asyncio.to_thread(
         cluster.core.create_namespaced_config_map,
         cluster.ns,
-        {"metadata": {"name": "someone-else"}},
+        k8s.V1ConfigMap(metadata=k8s.V1ObjectMeta(name="someone-else")),
     )
-    stranger = {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "name": "someone-else",
-        "uid": owner.metadata.uid,
-    }
+    assert owner.metadata is not None
+    stranger = k8s.V1OwnerReference(
+        api_version="v1", kind="ConfigMap", name="someone-else", uid=str(owner.metadata.uid)
+    )
     await asyncio.to_thread(
         cluster.core.create_namespaced_config_map,
         cluster.ns,
-        {"metadata": {"name": "j-spec", "ownerReferences": [stranger]}, "data": {"x": "1"}},
+        k8s.V1ConfigMap(
+            metadata=k8s.V1ObjectMeta(name="j-spec", owner_references=[stranger]), data={"x": "1"}
+        ),
     )
     async with running_operator(cluster):
         await cluster.create_job("j", basic_spec())
@@ -136,7 +136,10 @@ async def test_a_refused_pod_shows_the_servers_message_and_is_retried_with_backo
     await asyncio.to_thread(
         cluster.core.create_namespaced_resource_quota,
         cluster.ns,
-        {"metadata": {"name": "two-pods"}, "spec": {"hard": {"pods": "2"}}},
+        k8s.V1ResourceQuota(
+            metadata=k8s.V1ObjectMeta(name="two-pods"),
+            spec=k8s.V1ResourceQuotaSpec(hard={"pods": "2"}),
+        ),
     )
     async with running_operator(cluster, resync_seconds=0.25) as state:
         uid = await cluster.create_job("j", basic_spec())
@@ -167,31 +170,41 @@ async def test_removing_one_verb_the_operator_needs_fails_the_job_visibly_with_t
     rbac = k8s.RbacAuthorizationV1Api(cluster.kc.api)
     chart_role = await asyncio.to_thread(rbac.read_cluster_role, "sgdjob-sgdjob-operator")
     rules = []
-    for rule in chart_role.rules:
+    for rule in chart_role.rules or []:
         verbs = list(rule.verbs)
-        if "pods" in rule.resources and "create" in verbs:
+        if "pods" in (rule.resources or []) and "create" in verbs:
             verbs.remove("create")
-        rules.append({"apiGroups": rule.api_groups, "resources": rule.resources, "verbs": verbs})
+        rules.append(
+            k8s.V1PolicyRule(api_groups=rule.api_groups, resources=rule.resources, verbs=verbs)
+        )
     name = f"sgdjob-no-pod-create-{cluster.ns}"
     sa = "limited-operator"
     await asyncio.to_thread(
-        cluster.core.create_namespaced_service_account, cluster.ns, {"metadata": {"name": sa}}
+        cluster.core.create_namespaced_service_account,
+        cluster.ns,
+        k8s.V1ServiceAccount(metadata=k8s.V1ObjectMeta(name=sa)),
     )
-    await asyncio.to_thread(rbac.create_cluster_role, {"metadata": {"name": name}, "rules": rules})
-    binding = {
-        "metadata": {"name": name},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
-        "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": cluster.ns}],
-    }
+    role = k8s.V1ClusterRole(metadata=k8s.V1ObjectMeta(name=name), rules=rules)
+    await asyncio.to_thread(rbac.create_cluster_role, role)
+    binding = k8s.V1ClusterRoleBinding(
+        metadata=k8s.V1ObjectMeta(name=name),
+        role_ref=k8s.V1RoleRef(
+            api_group="rbac.authorization.k8s.io", kind="ClusterRole", name=name
+        ),
+        subjects=[k8s.RbacV1Subject(kind="ServiceAccount", name=sa, namespace=cluster.ns)],
+    )
     await asyncio.to_thread(rbac.create_cluster_role_binding, binding)
     try:
         token = await asyncio.to_thread(
             cluster.core.create_namespaced_service_account_token,
             sa,
             cluster.ns,
-            {"spec": {"audiences": [], "expirationSeconds": 3600}},
+            k8s.AuthenticationV1TokenRequest(
+                spec=k8s.V1TokenRequestSpec(audiences=[], expiration_seconds=3600)
+            ),
         )
-        cluster.token_file.write_text(token.status.token)
+        assert token.status is not None
+        cluster.token_file.write_text(str(token.status.token))
         async with running_operator(cluster):
             await cluster.create_job("j", basic_spec())
             st = await eventually(

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from sgdjob.api.validation import SpecError, validate_spec
+from sgdjob.contract import Role
 from sgdjob_operator.manifests import JobRef, PodSettings, owned_by, pod, shard_addrs
 from sgdjob_operator.reconcile import validate_job
 from tests.operator.harness import basic_spec
@@ -121,7 +122,7 @@ def test_ownership_needs_the_owner_uid_and_the_job_label() -> None:
 
 
 @pytest.mark.parametrize("role", ["ps", "worker"])
-def test_every_trainer_pod_meets_the_restricted_pod_security_standard(role: str) -> None:
+def test_every_trainer_pod_meets_the_restricted_pod_security_standard(role: Role) -> None:
     body = pod(
         ref=REF, spec=validate_spec(basic_spec()), role=role, index=0, attempt=0, settings=SETTINGS
     )
