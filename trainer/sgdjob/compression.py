@@ -38,9 +38,9 @@ of the float32 size (``wire_nbytes``).
 
 The same codec serves both directions: a worker encodes gradient slices with one
 ``ErrorFeedback`` per shard slice (its trainable part: buffers travel as float32 next to the
-encoded part, ``sgdjob.onebit_wire``); a shard encodes the parameter update it sends back with one
-state per destination worker: ``ErrorFeedback`` over the delta since that worker's last pull,
-or (one copy cheaper, and exact) ``sgdjob.mirror.ParameterMirror``.
+encoded part, ``sgdjob.onebit_wire``); a shard encodes the parameter update it sends back
+against a ``sgdjob.mirror.ParameterMirror`` of what the worker holds, one per distinct state:
+workers that were sent the same answers share one, and one encode (``sgdjob.downlink``).
 """
 
 from __future__ import annotations
