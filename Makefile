@@ -1,5 +1,7 @@
 # One entry point for set-up, running, tests and benchmarks. Every target creates .venv
-# (with the CPU torch 2.13.0 wheel first, so pip never pulls a multi-GB CUDA build).
+# (with torch 2.13.0 first: pip takes a CPU wheel where one lies in its find-links, else PyPI's
+# CUDA build, several GB, which also runs on the CPU; the pin keeps the resolver from picking
+# another version later).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
