@@ -44,10 +44,10 @@ def test_the_worker_copy_follows_the_parameters_with_a_bounded_gap() -> None:
     assert first_gap is not None and first_gap < 0.1
 
 
-def test_reset_resynchronises_and_wrong_shapes_are_refused() -> None:
-    shard = ParameterMirror(np.zeros(100, np.float32), 16)
+def test_a_mirror_of_full_parameters_sends_a_zero_update_and_wrong_shapes_are_refused() -> None:
+    # A worker sent full parameters gets a new mirror of them (sgdjob.downlink).
     fresh = np.arange(100, dtype=np.float32)
-    shard.reset(fresh)
+    shard = ParameterMirror(fresh, 16)
     np.testing.assert_array_equal(shard.mirror, fresh)
     enc = shard.encode_update(fresh)  # nothing changed: the update decodes to zeros
     assert not enc.scales.any()

@@ -6,10 +6,12 @@ reconstructed so far. After encoding, the shard applies the same ``decode_into``
 applies, so the mirror stays bit-identical to the worker's copy (float32 adds round the same
 on every IEEE device). This is error feedback with the residual kept implicitly: the residual
 is ``params - mirror``, and the next update carries it (Seide et al. 2014, applied downstream).
-One ``ParameterMirror`` per (shard slice, worker); it costs one float32 copy of the slice.
+One ``ParameterMirror`` per shard slice and distinct state of the workers (``sgdjob.downlink``
+shares one between workers that hold the same parameters); it costs one float32 copy of the
+slice.
 
 Worker side: ``decode_into(params_slice, bits, scales, count=..., bucket_size=...)``.
-A worker that (re)joins gets full-precision parameters and the shard calls ``reset``.
+A worker that (re)joins gets full-precision parameters, and a new mirror of them.
 """
 
 from __future__ import annotations
@@ -33,12 +35,6 @@ class ParameterMirror:
         self.mirror = np.array(params, dtype=np.float32, copy=True)
         if self.mirror.ndim != 1:
             raise CompressionError("params must be a 1-D slice")
-
-    def reset(self, params: np.ndarray) -> None:
-        """The worker was sent ``params`` in full precision (hello, restart, resync)."""
-        if params.shape != self.mirror.shape:
-            raise CompressionError(f"params shape {params.shape} != {self.mirror.shape}")
-        np.copyto(self.mirror, params)
 
     def encode_update(self, params: np.ndarray) -> Encoded:
         """Encode ``params - mirror`` and advance the mirror by exactly what the worker adds."""
