@@ -74,8 +74,11 @@ test-node: tools
 	PYTHON=$(PY) hack/cluster.sh up
 	$(PY) -m pytest -m "node" -p no:cacheprovider $(PYTEST_ARGS)
 
-test-slow: $(STAMP)
-	$(PY) -m pytest -m "slow" $(PYTEST_ARGS)
+# The long suites: accuracy runs, seeds and the rest of the shape grids that make test samples
+# (the tests marked slow), and the shaped-link harness tests (marked netns: root and iproute2,
+# else they skip saying why).
+test-slow: tools
+	$(PY) -m pytest -m "(slow or netns) and not cluster" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m bench

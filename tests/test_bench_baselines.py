@@ -48,6 +48,8 @@ def test_a_powersgd_throughput_run_refuses_a_warm_up_that_would_time_plain_steps
         )  # fmt: skip
 
 
+# Slow (make test-slow): five two-rank DDP runs, one per hook.
+@pytest.mark.slow
 def test_every_hook_trains_two_ranks_and_the_cpu_of_both_ranks_is_counted() -> None:
     for hook in HOOKS:
 

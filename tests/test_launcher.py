@@ -46,8 +46,19 @@ def single_process_model(doc: dict[str, Any]) -> tuple[nn.Module, float]:
     return model, evaluate(model, CLASSIFICATION, batches, device=torch.device("cpu")).metric
 
 
-@pytest.mark.parametrize("shards", [1, 2, 3])
-@pytest.mark.parametrize("workers", [1, 2, 3])
+# make test runs three shapes (one worker over two shards, two workers on one shard, three
+# workers over two shards); the other six of the 3 x 3 grid run in make test-slow.
+FAST_SHAPES = {(1, 2), (2, 1), (3, 2)}
+
+
+@pytest.mark.parametrize(
+    ("workers", "shards"),
+    [
+        pytest.param(w, s, marks=() if (w, s) in FAST_SHAPES else pytest.mark.slow)
+        for w in (1, 2, 3)
+        for s in (1, 2, 3)
+    ],
+)
 def test_sync_training_matches_single_process_sgd_on_the_same_samples(
     run_job: Any, shards: int, workers: int
 ) -> None:

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from sgdjob.api.validation import parse_job
 from sgdjob.launcher import LocalJob
 from tests.conftest import job_doc
@@ -68,6 +70,8 @@ def test_a_worker_killed_with_sigkill_is_restarted_and_the_job_matches_a_clean_r
     assert abs(summary["finalAccuracy"] - clean["finalAccuracy"]) <= 0.01
 
 
+# Slow (make test-slow): the plain kill-and-restart test covers the restart in make test.
+@pytest.mark.slow
 def test_with_the_workers_updates_a_killed_worker_starts_its_optimizer_afresh_and_finishes(
     tmp_path: Path, run_job: Any
 ) -> None:

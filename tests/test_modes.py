@@ -45,6 +45,7 @@ def test_a_straggler_is_outrun_by_one_backup_worker_and_its_gradients_dropped(
 # Two 250-step jobs of 7 processes each: on a loaded machine (a make test beside stress and
 # other suites, load 4) they took longer than the default 300 s.
 @pytest.mark.timeout(900)
+@pytest.mark.slow  # an accuracy run: make test-slow
 def test_async_with_four_workers_ends_within_two_points_of_sync(run_job: Any) -> None:
     # No straggler replacement: this compares the two modes' accuracy, and under load the
     # policy replaced a worker whose 3 ms step was over 3 x the median (a restart mid-run).

@@ -138,6 +138,7 @@ def test_error_feedback_keeps_everything_that_was_not_sent() -> None:
     np.testing.assert_allclose(sent + ef.residual.numpy(), raw, atol=1e-3)
 
 
+@pytest.mark.slow  # three accuracy runs: make test-slow
 def test_onebit_with_error_feedback_ends_within_a_point_of_fp32(run_job: Any) -> None:
     common = {
         "parameterServers": {"shards": 2},
@@ -159,6 +160,7 @@ def test_onebit_with_error_feedback_ends_within_a_point_of_fp32(run_job: Any) ->
     assert no_ef["finalAccuracy"] <= ob["finalAccuracy"]  # why error feedback matters
 
 
+@pytest.mark.slow  # two accuracy runs: make test-slow
 def test_with_adam_sending_the_workers_updates_trains_where_sending_gradients_stalls(
     run_job: Any,
 ) -> None:

@@ -217,7 +217,7 @@ def test_a_sync_run_with_overlap_ends_bit_for_bit_on_the_parameters_of_one_witho
 ONEBIT = {"kind": "onebit", "bucketSize": 64, "errorFeedback": True, "serverToWorker": True}
 
 
-@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("mode", ["sync", pytest.param("async", marks=pytest.mark.slow)])
 def test_a_one_bit_run_with_overlap_ends_bit_for_bit_on_the_parameters_of_one_without(
     run_job: Any, mode: str
 ) -> None:

@@ -49,7 +49,7 @@ def kill_shard_run(tmp_path: Path, doc: dict[str, Any], *, shard: int, at: int) 
     return dict(json.loads((tmp_path / "summary.json").read_text()))
 
 
-@pytest.mark.parametrize("shard", [0, 1])
+@pytest.mark.parametrize("shard", [0, pytest.param(1, marks=pytest.mark.slow)])
 def test_a_shard_killed_mid_run_is_restored_and_the_job_matches_a_clean_run(
     tmp_path: Path, run_job: Any, shard: int
 ) -> None:
@@ -65,6 +65,8 @@ def test_a_shard_killed_mid_run_is_restored_and_the_job_matches_a_clean_run(
     assert summary["finalAccuracy"] >= clean["finalAccuracy"] - 0.01
 
 
+# Slow (make test-slow): the plain shard-kill test covers the restore in make test.
+@pytest.mark.slow
 def test_with_the_workers_updates_a_killed_shard_holds_no_optimizer_state_and_is_restored(
     tmp_path: Path, run_job: Any
 ) -> None:
