@@ -13,6 +13,7 @@ import time
 BENCHES = [
     "transport",
     "curve",
+    "update_rule",
     "sync_vs_ddp",
     "compression",
     "time_to_accuracy",

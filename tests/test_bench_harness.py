@@ -217,3 +217,11 @@ def test_the_curve_bench_times_the_libsodium_libzmq_uses_and_its_boxes_open() ->
     assert lib.crypto_box_afternm(box, plain, ctypes.c_ulonglong(size), nonce, key) == 0
     box[100] = bytes([box.raw[100] ^ 1])
     assert lib.crypto_box_open_afternm(out, box, ctypes.c_ulonglong(size), nonce, key) != 0
+
+
+def test_the_update_rule_bench_times_both_kernels_of_every_setting_and_they_agree() -> None:
+    from bench.update_rule import SETTINGS, measure
+
+    rows = measure(4099, 2)  # an odd length: the kernels' vector tails are timed too
+    assert [r[0] for r in rows] == [label for label, _ in SETTINGS]
+    assert all(float(r[3]) > 0 and float(r[4]) > 0 for r in rows)  # speed-up, GB/s

@@ -14,22 +14,30 @@ from sgdjob.checkpoint import ShardState, decode, encode
 from sgdjob.optim import AppliedUpdates, LocalUpdate, SliceOptimizer
 from sgdjob.schedule import Schedule, equivalent_step
 
+# The shards step with torch's fused kernels (sgdjob.optim.torch_optimizer): the references
+# are the same optimizers, fused (equal bits), and the single-tensor ones (float rounding).
 CASES: list[tuple[dict[str, Any], Any]] = [
+    (  # plain SGD runs the single-tensor kernel (the faster one there); the same bits
+        {"optimizer": "sgd", "momentum": 0.0},
+        lambda p, **k: torch.optim.SGD(p, lr=0.1, **k),
+    ),
     (
         {"optimizer": "sgd", "momentum": 0.9, "weightDecay": 0.01},
-        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.01),
+        lambda p, **k: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.01, **k),
     ),
     (
         {"optimizer": "sgd", "momentum": 0.8, "nesterov": True, "weightDecay": 0.001},
-        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.8, nesterov=True, weight_decay=0.001),
+        lambda p, **k: torch.optim.SGD(
+            p, lr=0.1, momentum=0.8, nesterov=True, weight_decay=0.001, **k
+        ),
     ),
     (
         {"optimizer": "adam", "beta1": 0.8, "beta2": 0.99, "weightDecay": 0.01},
-        lambda p: torch.optim.Adam(p, lr=0.1, betas=(0.8, 0.99), weight_decay=0.01),
+        lambda p, **k: torch.optim.Adam(p, lr=0.1, betas=(0.8, 0.99), weight_decay=0.01, **k),
     ),
     (
         {"optimizer": "adamw", "weightDecay": 0.1, "eps": 1e-6},
-        lambda p: torch.optim.AdamW(p, lr=0.1, weight_decay=0.1, eps=1e-6),
+        lambda p, **k: torch.optim.AdamW(p, lr=0.1, weight_decay=0.1, eps=1e-6, **k),
     ),
 ]
 
@@ -47,14 +55,17 @@ def test_a_slice_steps_exactly_like_torch_optim_and_buffers_just_add_up(
     p = p0.copy()
     opt = SliceOptimizer(p, trainable=30, spec=spec(**kw))
     ref = torch.nn.Parameter(torch.from_numpy(p0[:30].copy()))
-    topt = make([ref])
+    single = torch.nn.Parameter(torch.from_numpy(p0[:30].copy()))
+    topt, sopt = make([ref], fused=True), make([single], foreach=False)
     for _ in range(6):
         g = rng.standard_normal(40).astype(np.float32)
         opt.step(g, lr=0.1)
-        ref.grad = torch.from_numpy(g[:30].copy())
-        topt.step()
+        for param, o in ((ref, topt), (single, sopt)):
+            param.grad = torch.from_numpy(g[:30].copy())
+            o.step()
         p0[30:] += g[30:]
     np.testing.assert_array_equal(p[:30], ref.detach().numpy())
+    np.testing.assert_allclose(p[:30], single.detach().numpy(), rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(p[30:], p0[30:])
 
 

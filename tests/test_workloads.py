@@ -181,7 +181,13 @@ def test_sync_adamw_with_warmup_and_cosine_matches_a_single_torch_process(run_jo
             milestones=[warm],
         )
 
-    model = torch_loop(doc, lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.05), sched)
+    # The shards run torch's fused AdamW (sgdjob.optim), so the reference does too: the
+    # biases in front of a batch norm get gradients of rounding noise only, which Adam scales
+    # up to whole steps, so torch's own fused and single-tensor kernels part there by up to
+    # 0.025 in 30 steps (elsewhere by about 1e-7).
+    model = torch_loop(
+        doc, lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.05, fused=True), sched
+    )
     assert_states_close(saved(out), model.state_dict())
 
 
