@@ -7,9 +7,10 @@ import random
 
 import numpy as np
 import pytest
+import zmq
 
 from sgdjob.protocol import DType, ErrorCode, Header, Op
-from sgdjob.syncstep import Coverage, all_finite
+from sgdjob.syncstep import Coverage, Part, PendingStep, all_finite, float_part
 from tests.test_shard import TOKEN, make_shard, msg, push
 
 N = 12
@@ -205,3 +206,45 @@ def test_a_part_of_huge_finite_values_is_summed_not_refused() -> None:
     shard.handle(part(0, big, 0, N, 0))  # type: ignore[arg-type]
     assert not any(m[1].op == Op.ERROR for m in sent.messages)
     assert shard.pending.coverage[0].covered == N
+
+
+def float_part_of(grad: np.ndarray, start: int, end: int) -> Part:
+    """A float32 part of grad[start:end] in two frames, as a push's frames arrive."""
+    chunks = [c for c in np.array_split(grad[start:end], 2) if c.size]
+    return float_part(start, [zmq.Frame(c.tobytes()) for c in chunks])
+
+
+def mean_in_order(gs: list[np.ndarray]) -> np.ndarray:
+    total = gs[0].copy()
+    for g in gs[1:]:
+        total += g
+    total *= np.float32(1.0 / len(gs))
+    return total
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_closed_step_holds_the_mean_bit_for_bit_however_the_parts_arrived(seed: int) -> None:
+    # The last worker in order averages each range as it adds it; close() averages the rest.
+    rng = random.Random(seed)
+    gs = grads(3, 1, seed)[0]
+    step = PendingStep(np.zeros(N, np.float32), bucket_size=0, eager=True)
+    arrivals = [(w, a, b) for w in range(3) for a, b in RANGES]
+    rng.shuffle(arrivals)
+    for w, a, b in arrivals:
+        step.add(w, float_part_of(gs[w], a, b), order=[0, 1, 2])
+    assert np.array_equal(step.close([0, 1, 2]), mean_in_order(gs))
+
+
+def test_a_range_averaged_over_the_expected_workers_is_summed_again_for_a_late_contributor() -> (
+    None
+):
+    gs = grads(3, 1, 1)[0]
+    step = PendingStep(np.zeros(N, np.float32), bucket_size=0, eager=True)
+    for w in (0, 1):  # both expected workers: every range is averaged over two
+        step.add(w, float_part_of(gs[w], 0, N), order=[0, 1])
+    step.add(2, float_part_of(gs[2], 0, N), order=[0, 1])  # a third pusher contributes too
+    assert np.array_equal(step.close([0, 1, 2]), mean_in_order(gs))
+    step.clear()
+    for w in (0, 1):  # and a step closed by the expected workers alone is their mean
+        step.add(w, float_part_of(gs[w], 0, N), order=[0, 1])
+    assert np.array_equal(step.close([0, 1]), mean_in_order(gs[:2]))

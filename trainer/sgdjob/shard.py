@@ -391,10 +391,8 @@ class Shard:
         )
 
     def _close_step(self, contributors: list[int]) -> None:
-        """Sync: the step's sum (in worker order), averaged and applied; bump the version."""
+        """Sync: the step's mean (summed in worker order) applied; bump the version."""
         acc = self.pending.close(contributors)
-        if len(contributors) > 1:  # x 1.0 is the identity: no pass over the slice for it
-            acc *= np.float32(1.0 / len(contributors))
         self.pending.clear()
         self.flush_sends()
         self.opt.step(acc, lr=self.lr())

@@ -139,25 +139,38 @@ def onebit_push(
     return Part(start, start + h.count, list(msg.frames), raw, payload, part_split)
 
 
-def fold(acc: np.ndarray, part: Part, a: int, b: int, *, first: bool, bucket_size: int) -> None:
+def fold(
+    acc: np.ndarray,
+    part: Part,
+    a: int,
+    b: int,
+    *,
+    first: bool,
+    bucket_size: int,
+    scale: np.float32 | None = None,
+) -> None:
     """``acc[a:b] += part`` over ``[a, b)`` (slice-local, inside the part), or ``=`` when
-    ``first``. A 1-bit part decodes straight into the accumulator when it is folded whole, as
-    parts are when every worker cuts its gradient alike; a piece of one (parts that other
-    workers cut elsewhere) is decoded whole into a scratch array first, since its buckets
-    span the part."""
+    ``first``; then ``acc[a:b] *= scale`` if given, a frame at a time while it is in cache.
+    A 1-bit part decodes straight into the accumulator when it is folded whole, as parts are
+    when every worker cuts its gradient alike; a piece of one (parts that other workers cut
+    elsewhere) is decoded whole into a scratch array first, since its buckets span the part."""
     if part.onebit is not None and part.split is not None:
         if (a, b) == (part.start, part.end):
             add_gradient(
                 acc[a:b], part.onebit, split=part.split, bucket_size=bucket_size, first=first
             )
-            return
-        scratch = np.empty(part.end - part.start, dtype=np.float32)
-        add_gradient(scratch, part.onebit, split=part.split, bucket_size=bucket_size, first=True)
-        piece = scratch[a - part.start : b - part.start]
-        if first:
-            np.copyto(acc[a:b], piece)
         else:
-            acc[a:b] += piece
+            scratch = np.empty(part.end - part.start, dtype=np.float32)
+            add_gradient(
+                scratch, part.onebit, split=part.split, bucket_size=bucket_size, first=True
+            )
+            piece = scratch[a - part.start : b - part.start]
+            if first:
+                np.copyto(acc[a:b], piece)
+            else:
+                acc[a:b] += piece
+        if scale is not None:
+            acc[a:b] *= scale
         return
     for at, view in part.views:
         lo, hi = max(a, at), min(b, at + view.shape[0])
@@ -169,6 +182,8 @@ def fold(acc: np.ndarray, part: Part, a: int, b: int, *, first: bool, bucket_siz
             np.copyto(dst, src)
         else:
             dst += src
+        if scale is not None:
+            dst *= scale
 
 
 class PartialPushes:
@@ -211,10 +226,18 @@ class _Segment:
     start: int
     end: int
     folded: tuple[int, ...] = ()  # workers summed into acc[start:end], in the order added
+    # acc[start:end] holds the mean over ``folded`` (scaled right after the last addition,
+    # while the range is still in cache), not the sum.
+    averaged: bool = False
 
 
 class PendingStep:
-    """The open sync step: parts by worker, and the running sum in ``acc``."""
+    """The open sync step: parts by worker, and the running sum in ``acc``.
+
+    The last worker in order to be added to a range also scales it by ``1 / workers``, piece
+    by piece as it adds (``fold``), so the step's mean costs no pass of its own over the slice
+    at close: every element is ``(g[w0] + g[w1] + ...) * float32(1 / n)``, the same bits as
+    a sum followed by a scaling."""
 
     def __init__(self, acc: np.ndarray, *, bucket_size: int, eager: bool) -> None:
         """``bucket_size``: the 1-bit codec's, for the parts of a 1-bit job."""
@@ -252,16 +275,24 @@ class PendingStep:
             self._advance(sorted(set(order) | set(self.parts)))
 
     def close(self, contributors: list[int]) -> np.ndarray:
-        """Sum the contributors' parts (ascending order) into ``acc``; returns ``acc``."""
+        """The mean of the contributors' parts (summed in ascending order) in ``acc``;
+        returns ``acc``."""
         want = tuple(contributors)
-        if any(not set(s.folded) <= set(want) for s in self.segments):
-            # Summed a worker that does not contribute after all: start over from the kept
-            # frames (not reached without backup workers, where every pusher contributes).
+        if any(
+            not set(s.folded) <= set(want) or (s.averaged and s.folded != want)
+            for s in self.segments
+        ):
+            # Summed a worker that does not contribute after all, or averaged over fewer
+            # workers than contribute: start over from the kept frames (not reached without
+            # backup workers, where every expected pusher contributes).
             self.segments = [_Segment(0, self.count)]
         self._advance(contributors)
+        scale = np.float32(1.0 / len(want)) if len(want) > 1 else None
         for s in self.segments:
             if s.folded != want:
                 raise RuntimeError(f"range [{s.start}, {s.end}) summed {s.folded}, not {want}")
+            if scale is not None and not s.averaged:
+                self.acc[s.start : s.end] *= scale
         return self.acc
 
     def clear(self) -> None:
@@ -272,6 +303,12 @@ class PendingStep:
     # -- summing -------------------------------------------------------------------------
     def _advance(self, order: list[int]) -> None:
         """Add every part whose turn it is, until none is; segments record who was added."""
+        # A range averaged over fewer workers than ``order`` now holds (a worker beyond the
+        # expected ones pushed) is summed again from the kept frames.
+        self.segments = [
+            _Segment(s.start, s.end) if s.averaged and s.folded != tuple(order) else s
+            for s in self.segments
+        ]
         progress = True
         while progress:
             progress = False
@@ -281,6 +318,9 @@ class PendingStep:
                 if nxt is None or nxt not in self.parts:
                     out.append(seg)
                     continue
+                # The last worker in order completes the range: it averages as it adds.
+                last = nxt == order[-1] and len(order) > 1
+                scale = np.float32(1.0 / len(order)) if last else None
                 at = seg.start
                 for part in sorted(self.parts[nxt], key=lambda p: p.start):
                     a, b = max(part.start, seg.start), min(part.end, seg.end)
@@ -288,23 +328,28 @@ class PendingStep:
                         continue
                     if a > at:
                         out.append(_Segment(at, a, seg.folded))
-                    self._fold(part, a, b, first=not seg.folded)
-                    out.append(_Segment(a, b, (*seg.folded, nxt)))
+                    fold(
+                        self.acc, part, a, b, first=not seg.folded,
+                        bucket_size=self.bucket_size, scale=scale,
+                    )  # fmt: skip
+                    out.append(_Segment(a, b, (*seg.folded, nxt), averaged=last))
                     at = b
                     progress = True
                 if at < seg.end:
                     out.append(_Segment(at, seg.end, seg.folded))
             self.segments = _merge(out)
 
-    def _fold(self, part: Part, a: int, b: int, *, first: bool) -> None:
-        fold(self.acc, part, a, b, first=first, bucket_size=self.bucket_size)
-
 
 def _merge(segments: list[_Segment]) -> list[_Segment]:
     out: list[_Segment] = []
     for s in segments:
-        if out and out[-1].folded == s.folded and out[-1].end == s.start:
-            out[-1] = _Segment(out[-1].start, s.end, s.folded)
+        prev = out[-1] if out else None
+        if (
+            prev is not None
+            and (prev.folded, prev.averaged) == (s.folded, s.averaged)
+            and prev.end == s.start
+        ):
+            out[-1] = _Segment(prev.start, s.end, s.folded, s.averaged)
         else:
             out.append(s)
     return out
