@@ -34,7 +34,7 @@ import torch
 from bench.ddp import mlp_params
 from bench.report import markdown_table, write_result
 from sgdjob.api.types import TrainingSpec
-from sgdjob.optim import SliceOptimizer
+from sgdjob.optim import SliceOptimizer, fused_kernels, torch_optimizer
 from sgdjob.transport import keep_freed_buffers
 
 HIDDEN, LAYERS = 1024, 10
@@ -52,28 +52,9 @@ SETTINGS: list[tuple[str, dict[str, Any]]] = [
 
 
 def rebuild(opt: SliceOptimizer, spec: TrainingSpec, *, fused: bool) -> None:
-    """Rebuild ``opt``'s torch optimizer with the fused or the single-tensor kernels."""
-    group = opt.opt.param_groups[0]
-    kernels = {"fused": True} if fused else {"foreach": False}
-    if spec.optimizer == "sgd":
-        new: torch.optim.Optimizer = torch.optim.SGD(
-            [opt.param],
-            lr=group["lr"],
-            momentum=spec.momentum,
-            nesterov=spec.nesterov,
-            weight_decay=spec.weight_decay,
-            **kernels,
-        )
-    else:
-        cls = torch.optim.Adam if spec.optimizer == "adam" else torch.optim.AdamW
-        new = cls(
-            [opt.param],
-            lr=group["lr"],
-            betas=(spec.beta1, spec.beta2),
-            eps=spec.eps,
-            weight_decay=spec.weight_decay,
-            **kernels,
-        )
+    """Rebuild ``opt``'s torch optimizer with the fused or the single-tensor kernels, on the
+    same state buffers."""
+    new = torch_optimizer(opt.param, spec, fused=fused)
     new.state[opt.param] = opt.opt.state[opt.param]  # the same buffers, used in place
     opt.opt = new
 
@@ -98,13 +79,13 @@ def measure(elements: int, repeats: int) -> list[list[str]]:
     rows = []
     for label, over in SETTINGS:
         spec = TrainingSpec.model_validate({"maxSteps": 10, "lr": 0.01, **over})
+        chosen = "fused" if fused_kernels(spec) else "single-tensor"
         runs: dict[str, tuple[float, np.ndarray]] = {}
         # Interleaved: fused, single-tensor, fused, single-tensor; the faster of each pair.
         for _ in range(2):
             for kind in ("fused", "single"):
                 params = p0.copy()
                 opt = SliceOptimizer(params, trainable=elements, spec=spec)
-                chosen = "fused" if opt.opt.defaults.get("fused") else "single-tensor"
                 rebuild(opt, spec, fused=kind == "fused")
                 s = time_steps(opt, grads, repeats)
                 best = runs.get(kind)

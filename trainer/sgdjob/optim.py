@@ -33,25 +33,33 @@ STATE_ARRAYS = {"sgd": {"momentum_buffer": "momentum"}}
 ADAM_ARRAYS = {"exp_avg": "expAvg", "exp_avg_sq": "expAvgSq"}
 
 
-def torch_optimizer(param: torch.nn.Parameter, spec: TrainingSpec) -> torch.optim.Optimizer:
+def fused_kernels(spec: TrainingSpec) -> bool:
+    """Whether the rule runs on torch's fused kernels: all but plain SGD, which is one pass
+    either way and where the single-tensor ``add_`` is the faster (bench.update_rule); both
+    give the same bits there."""
+    return spec.optimizer != "sgd" or bool(spec.momentum or spec.weight_decay)
+
+
+def torch_optimizer(
+    param: torch.nn.Parameter, spec: TrainingSpec, *, fused: bool | None = None
+) -> torch.optim.Optimizer:
     """torch's own optimizer for ``spec.optimizer`` over one flat parameter, with torch's
-    fused kernels (CPU and CUDA, torch >= 2.4): one pass over the slice a step, where the
-    single-tensor kernels make three to eight and allocate temporaries the size of the slice
-    (1.7-7x the time on a 10M-element slice, bench.update_rule). The kernels are elementwise
-    and give the same bits however a vector is cut, so a slice, a whole vector and a worker's
-    copy step alike."""
+    fused kernels (CPU and CUDA, torch >= 2.4) where ``fused_kernels`` says so: one pass over
+    the slice a step, where the single-tensor kernels make three to eight and allocate
+    temporaries the size of the slice (1.7-7x the time on a 10M-element slice). The kernels
+    are elementwise and give the same bits however a vector is cut, so a slice, a whole
+    vector and a worker's copy step alike. ``fused`` overrides the choice (the bench's
+    baseline)."""
+    kernels = {"fused": True} if (fused_kernels(spec) if fused is None else fused) else {}
     if spec.optimizer == "sgd":
-        # Plain SGD is one pass either way, and the single-tensor ``add_`` is the faster one
-        # (bench.update_rule); both give the same bits.
-        plain = not spec.momentum and not spec.weight_decay
         return torch.optim.SGD(
             [param],
             lr=spec.lr,
             momentum=spec.momentum,
             nesterov=spec.nesterov,
             weight_decay=spec.weight_decay,
-            fused=not plain,
             foreach=False,
+            **kernels,
         )
     cls = torch.optim.Adam if spec.optimizer == "adam" else torch.optim.AdamW
     return cls(
@@ -60,7 +68,8 @@ def torch_optimizer(param: torch.nn.Parameter, spec: TrainingSpec) -> torch.opti
         betas=(spec.beta1, spec.beta2),
         eps=spec.eps,
         weight_decay=spec.weight_decay,
-        fused=True,
+        foreach=False,
+        **kernels,
     )
 
 
