@@ -278,13 +278,10 @@ class PendingStep:
         """The mean of the contributors' parts (summed in ascending order) in ``acc``;
         returns ``acc``."""
         want = tuple(contributors)
-        if any(
-            not set(s.folded) <= set(want) or (s.averaged and s.folded != want)
-            for s in self.segments
-        ):
-            # Summed a worker that does not contribute after all, or averaged over fewer
-            # workers than contribute: start over from the kept frames (not reached without
-            # backup workers, where every expected pusher contributes).
+        if any(not set(s.folded) <= set(want) for s in self.segments):
+            # Summed a worker that does not contribute after all: start over from the kept
+            # frames (not reached without backup workers, where every pusher contributes).
+            # A range averaged over fewer workers than contribute is redone by _advance.
             self.segments = [_Segment(0, self.count)]
         self._advance(contributors)
         scale = np.float32(1.0 / len(want)) if len(want) > 1 else None
