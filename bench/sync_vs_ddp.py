@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import statistics
 import sys
 import tempfile
@@ -44,6 +45,7 @@ from bench.cpu import CpuSample, cpu_per_1000, measured
 from bench.ddp import free_port, mlp_params, run_ddp
 from bench.ddp_hooks import HOOKS, POWERSGD_START_ITER, label
 from bench.jobrun import run_job_process
+from bench.loopback import LoopbackSample, mb_per_step, tx_bytes
 from bench.report import markdown_table, write_result
 
 HIDDEN, LAYERS, WORKERS = 1024, 10, 2
@@ -77,8 +79,10 @@ def sgdjob_round(
     spec["security"] = {"curve": curve}
     doc = job(f"sync-vs-ddp-{shards}", spec)
     t0 = time.perf_counter()
+    lo0 = tx_bytes()
     summary, cpu_s = measured(lambda: run_job_process(doc, out, executor=executor))
     wall = time.perf_counter() - t0
+    lo = _grown(lo0)
     rate = steady_rate(out, warmup=args.warmup, workers=WORKERS, batch=args.batch)
     return {
         "samples_per_s": rate.samples_per_s,
@@ -88,11 +92,20 @@ def sgdjob_round(
         "wall_s": wall,
         "cpu_s": cpu_s,
         "samples": float(WORKERS * args.batch * total),
+        "steps": float(total),
+        "lo_bytes": lo,
     }
+
+
+def _grown(before: int | None) -> float:
+    """Loopback bytes sent since ``before`` (NaN where the counter is not readable)."""
+    after = tx_bytes()
+    return float("nan") if before is None or after is None else float(after - before)
 
 
 def ddp_round(args: argparse.Namespace, *, steps: int, hook: str) -> dict[str, float]:
     t0 = time.perf_counter()
+    lo0 = tx_bytes()
     r, cpu_s = measured(
         lambda: run_ddp(
             workers=WORKERS,
@@ -114,6 +127,8 @@ def ddp_round(args: argparse.Namespace, *, steps: int, hook: str) -> dict[str, f
         "wall_s": time.perf_counter() - t0,
         "cpu_s": cpu_s,
         "samples": float(WORKERS * args.batch * (args.warmup + steps)),
+        "steps": float(args.warmup + steps),
+        "lo_bytes": _grown(lo0),
     }
 
 
@@ -148,8 +163,10 @@ def _ddp_runner(args: argparse.Namespace, hook: str, out: Path, steps: int) -> d
 def summarize(
     results: dict[str, list[dict[str, float]]],
     cpu: dict[str, list[float]],
+    lo: dict[str, list[float]] | None = None,
 ) -> list[list[object]]:
-    """One table row per system: medians over rounds, ratios to DDP fp32's medians."""
+    """One table row per system: medians over rounds, ratios to DDP fp32's medians;
+    ``lo``: each round's loopback MB per step (``bench.loopback``), where measured."""
     base = label("none")
     ddp_sps = statistics.median(x["samples_per_s"] for x in results[base])
     ddp_cpu = statistics.median(cpu[base]) if cpu.get(base) else None
@@ -159,6 +176,7 @@ def summarize(
         med = statistics.median(sps)
         whole = [x["whole_run"] for x in runs]
         per_k = statistics.median(cpu[name]) if cpu.get(name) else None
+        mb = [x for x in (lo or {}).get(name, []) if not math.isnan(x)]
         rows.append(
             [
                 name,
@@ -168,6 +186,7 @@ def summarize(
                 f"{med / ddp_sps:.2f}",
                 "-" if per_k is None else f"{per_k:.3f}",
                 "-" if per_k is None or not ddp_cpu else f"{per_k / ddp_cpu:.2f}",
+                f"{statistics.median(mb):.1f}" if mb else "-",
                 "-" if name.startswith("torch") else f"{statistics.median(whole):.0f}",
                 f"{statistics.median(x['wall_s'] for x in runs):.1f}",
             ]
@@ -183,6 +202,7 @@ HEADERS = [
     "vs DDP fp32",
     "CPU s / 1000 samples",
     "CPU vs DDP fp32",
+    "loopback MB / step",
     "coordinator whole-run samples/s",
     "wall s",
 ]
@@ -210,6 +230,7 @@ def main(argv: list[str] | None = None) -> str:
     table = systems(args)
     results: dict[str, list[dict[str, float]]] = {name: [] for name in table}
     cpu: dict[str, list[float]] = {name: [] for name in table}
+    lo: dict[str, list[float]] = {name: [] for name in table}
     with tempfile.TemporaryDirectory(prefix="sync-vs-ddp-") as tmp:
         for r in range(args.rounds):
             for i, (name, run) in enumerate(table.items()):
@@ -224,8 +245,15 @@ def main(argv: list[str] | None = None) -> str:
                             CpuSample(long["cpu_s"], int(long["samples"])),
                         )
                     )
+                    if not math.isnan(s["lo_bytes"] + long["lo_bytes"]):
+                        lo[name].append(
+                            mb_per_step(
+                                LoopbackSample(int(s["lo_bytes"]), int(s["steps"])),
+                                LoopbackSample(int(long["lo_bytes"]), int(long["steps"])),
+                            )
+                        )
                 print(f"round {r}: {name}: {long} cpu/1000 {cpu[name][-1:]}", flush=True)
-    body = markdown_table(HEADERS, summarize(results, cpu))
+    body = markdown_table(HEADERS, summarize(results, cpu, lo))
     body += (
         f"\n\nMLP 1024 x {LAYERS} + head ({mlp_params(HIDDEN, LAYERS):,} parameters), "
         f"batch {args.batch} per worker, {WORKERS} workers, plain SGD, CPU, torch threads 1 per "
@@ -248,6 +276,12 @@ def main(argv: list[str] | None = None) -> str:
         "steps) in the same round; the figure is (CPU(long) - CPU(short)) / (samples(long) - "
         "samples(short)) x 1000, so start-up, imports, hello and the final evaluation cancel. "
         "Median over the rounds; *CPU vs DDP fp32*: over plain DDP's median."
+        "\n\n*loopback MB / step*: bytes sent over 127.0.0.1 per training step of both "
+        "workers (bench.loopback: the growth of lo's transmit counter, from the same short and "
+        "long runs, so start-up cancels). A parameter server moves every gradient byte to a "
+        "shard and every parameter byte back: each worker's whole vector both ways. A ring "
+        "all-reduce over 2 ranks sends from each rank as many bytes as its vector holds, half "
+        "in the reduce-scatter and half in the all-gather."
         "\n\n*no executor*: the same job as bare `sgdjob trainer` processes (bench.splitjob, "
         "the harness bench.compression uses), with nothing polling the coordinator (the "
         "local executor polls /status 4 times a second). Every sgdjob row runs with ZeroMQ "

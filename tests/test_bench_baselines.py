@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from bench.cpu import CpuSample, cpu_per_1000, measured
 from bench.ddp import free_port, run_ddp
 from bench.ddp_hooks import HOOKS, label, min_warmup, powersgd_rank, validate_hook
 from bench.ddp_train import check_mirrorable, run_ddp_job
+from bench.loopback import LO_TX_BYTES, LoopbackSample, mb_per_step, tx_bytes
 from bench.sync_vs_ddp import HEADERS as SYNC_HEADERS
 from bench.sync_vs_ddp import summarize
 from bench.time_to_accuracy import workload
@@ -89,6 +92,48 @@ def test_cpu_per_1000_samples_cancels_what_both_lengths_share() -> None:
     assert cpu_per_1000(CpuSample(30.0, 100), CpuSample(29.0, 200)) == pytest.approx(-10.0)
 
 
+def test_loopback_mb_per_step_cancels_what_both_lengths_share() -> None:
+    # 300 MB of start-up in both runs, then 168 MB a step.
+    short = LoopbackSample(tx_bytes=300_000_000 + 168_000_000 * 13, steps=13)
+    long = LoopbackSample(tx_bytes=300_000_000 + 168_000_000 * 23, steps=23)
+    assert mb_per_step(short, long) == pytest.approx(168.0)
+    with pytest.raises(ValueError, match="not more than the short run's 23"):
+        mb_per_step(long, long)
+
+
+def test_the_loopback_counter_is_none_where_the_host_does_not_expose_it(tmp_path: Path) -> None:
+    assert tx_bytes(tmp_path / "missing") is None
+    (tmp_path / "garbled").write_text("not a number\n")
+    assert tx_bytes(tmp_path / "garbled") is None
+    (tmp_path / "counter").write_text("1234\n")
+    assert tx_bytes(tmp_path / "counter") == 1234
+
+
+@pytest.mark.skipif(tx_bytes() is None, reason=f"{LO_TX_BYTES} is not readable here")
+def test_the_loopback_counter_grows_by_at_least_what_a_socket_sends_over_127_0_0_1() -> None:
+    payload = b"x" * (4 << 20)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = socket.create_connection(server.getsockname())
+        peer, _ = server.accept()
+        with client, peer:
+            before = tx_bytes()
+            assert before is not None
+            got = 0
+
+            def drain() -> None:
+                nonlocal got
+                while got < len(payload):
+                    got += len(peer.recv(1 << 20))
+
+            reader = threading.Thread(target=drain)
+            reader.start()
+            client.sendall(payload)
+            reader.join(30)
+            after = tx_bytes()
+    assert got == len(payload)
+    assert after is not None and after - before >= len(payload)
+
+
 def test_sync_vs_ddp_rows_give_samples_and_cpu_ratios_to_plain_ddp() -> None:
     def run(sps: float) -> dict[str, float]:
         return {"samples_per_s": sps, "step_ms": 1e3 / sps, "whole_run": sps / 2, "wall_s": 9.0}
@@ -99,13 +144,16 @@ def test_sync_vs_ddp_rows_give_samples_and_cpu_ratios_to_plain_ddp() -> None:
         label("fp16"): [run(230.0)],
     }
     cpu = {"sgdjob sync, 1 shard": [6.0, 5.0, 7.0], label("none"): [4.0, 3.0, 5.0]}
-    table = summarize(results, cpu)
+    lo = {"sgdjob sync, 1 shard": [168.2, 168.4, 168.3], label("none"): [84.1]}
+    table = summarize(results, cpu, lo)
     assert len(table[0]) == len(SYNC_HEADERS)
     sg, ddp, fp16 = table
     assert sg[0] == "sgdjob sync, 1 shard" and sg[2] == "110" and sg[3] == "100-120"
     assert sg[4] == f"{110 / 210:.2f}" and sg[5] == "6.000" and sg[6] == "1.50"
-    assert ddp[4] == "1.00" and ddp[6] == "1.00" and ddp[7] == "-"
+    assert sg[7] == "168.3" and sg[8] == "55"
+    assert ddp[4] == "1.00" and ddp[6] == "1.00" and ddp[7] == "84.1" and ddp[8] == "-"
     assert fp16[4] == f"{230 / 210:.2f}" and fp16[5] == "-" and fp16[6] == "-"
+    assert fp16[7] == "-"  # not measured: no figure rather than a wrong one
 
 
 def test_the_sgdjob_series_is_timed_from_the_step_0_evaluation_and_leaves_the_final_out(
