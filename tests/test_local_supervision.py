@@ -6,6 +6,7 @@ import os
 import signal
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -178,3 +179,34 @@ def test_a_worker_that_gave_up_on_a_stalled_shard_is_restarted_and_the_job_compl
 
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["version"] == 150
+
+
+def test_a_replacement_that_comes_up_after_the_shards_finished_does_not_hang_the_job(
+    tmp_path: Path,
+) -> None:
+    # The race the convergence bench hit: a straggler replaced just as it finished. The
+    # shards had every worker's "done" and exited 0; the replacement waited for their welcome
+    # forever, and so did the executor. Replayed here without the timing: after a clean run,
+    # worker 1 starts again as attempt 1, as a straggler replacement would.
+    doc = job_doc("late", workers={"replicas": 2}, training={"maxSteps": 20})
+    lj = LocalJob(parse_job(doc), output=tmp_path, progress=False)
+    try:
+        lj.start()
+        lj.wait()
+        assert all(r.poll() == 0 for r in lj.shards)
+        late = lj.workers[1]
+        late.attempt = 1
+        late.contract = replace(late.contract, attempt=1)
+        late.start()
+        lj.counters.replicas["worker-1"] = lj.counters.replicas["worker-1"].model_copy(
+            update={"attempt": 1, "seen": False, "replacements": 1}
+        )
+        waiter = threading.Thread(target=lj.wait, daemon=True)
+        waiter.start()
+        waiter.join(timeout=60)
+        assert not waiter.is_alive(), "the executor waited for a worker with nothing to train"
+        assert late.poll() is None  # still waiting for the shards: run_local's stop() ends it
+    finally:
+        lj.stop()
+    assert late.poll() is not None
+    assert (tmp_path / "summary.json").exists()

@@ -247,6 +247,71 @@ def test_all_workers_succeeded_succeeds_the_job() -> None:
     assert d.phase == "Succeeded"
 
 
+def test_all_shards_finished_succeeds_the_job_past_a_replacement_with_nothing_left_to_train() -> (
+    None
+):
+    # The convergence bench hung so: worker 1 was replaced as a straggler just as it had
+    # finished; the shards had every worker's "done", exited 0, and the replacement waited
+    # for their welcome forever.
+    counters = seen(attempt=0)
+    counters.replicas["worker-1"] = ReplicaSupervision(seen=True, attempt=1, replacements=1)
+    observed = [
+        ObservedReplica(role="ps", index=0, phase="Succeeded", exit_code=0),
+        ObservedReplica(role="worker", index=0, phase="Succeeded", exit_code=0),
+        running("worker", 1, attempt=1),
+    ]
+    d = run(observed, counters)
+    message = "all 1 parameter-server shards finished: every worker said it was done; "
+    assert d.actions == (Succeed("ShardsFinished", message + "worker-1 had nothing left to train"),)
+    assert d.phase == "Succeeded"
+    # A replacement that failed there is not restarted either: the training is over.
+    observed[2] = ObservedReplica(role="worker", index=1, phase="Failed", attempt=1, exit_code=137)
+    assert kinds(run(observed, counters)) == ["Succeed"]
+
+
+def test_shards_that_finished_while_workers_succeed_end_the_job_the_usual_way() -> None:
+    observed = [ObservedReplica(role="ps", index=0, phase="Succeeded", exit_code=0)] + [
+        ObservedReplica(role="worker", index=i, phase="Succeeded", exit_code=0) for i in range(2)
+    ]
+    assert run(observed, seen()).actions == (
+        Succeed("AllWorkersSucceeded", "all 2 workers succeeded"),
+    )
+
+
+@pytest.mark.parametrize(
+    "shard",
+    [
+        ObservedReplica(role="ps", index=1, phase="Running"),
+        ObservedReplica(role="ps", index=1, phase="Failed", exit_code=143),
+        ObservedReplica(role="ps", index=1, phase="Succeeded", exit_code=0, attempt=0),
+    ],
+    ids=["one shard still running", "one shard stopped by SIGTERM", "a stale shard attempt"],
+)
+def test_the_job_is_not_finished_by_its_shards_unless_every_current_one_succeeded(
+    shard: ObservedReplica,
+) -> None:
+    counters = seen(shards=2)
+    counters.replicas["ps-1"] = ReplicaSupervision(
+        seen=True, attempt=1 if shard.phase == "Succeeded" else 0
+    )
+    observed = [
+        ObservedReplica(role="ps", index=0, phase="Succeeded", exit_code=0),
+        shard,
+        running("worker", 0),
+        running("worker", 1),
+    ]
+    d = decide(
+        spec=spec(shards=2),
+        replicas=observed,
+        counters=counters,
+        progress=None,
+        now=NOW,
+        start_time=NOW,
+        shards_recoverable=True,
+    )
+    assert not any(isinstance(a, Succeed) for a in d.actions)
+
+
 def test_one_worker_succeeded_is_not_yet_success() -> None:
     observed = all_running()
     observed[1] = ObservedReplica(role="worker", index=0, phase="Succeeded", exit_code=0)

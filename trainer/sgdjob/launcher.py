@@ -332,6 +332,9 @@ class LocalJob:
                     tail = f"; log {culprit.log_path}\n{culprit.tail()}" if culprit else ""
                     raise LaunchError(f"{a.reason}: {a.message}{tail}")
                 if isinstance(a, Succeed):
+                    if a.reason != "AllWorkersSucceeded":  # say why the leftovers are stopped
+                        log.warning("%s", a.message)
+                        print(f"\nsgdjob: {a.message}", file=sys.stderr, flush=True)
                     self._wait_shards()
                     return
                 if isinstance(a, (Create, Recreate)):

@@ -32,7 +32,10 @@ Actions (all frozen dataclasses):
   replacement is a ``Recreate`` with ``straggler=True`` and the old node in ``avoid_nodes``;
   the operator turns that into node anti-affinity, a local executor just kills and restarts.
 - :class:`Delete` (role, index, reason): stop a leftover of an older attempt and wait.
-- :class:`Succeed` / :class:`Fail` (reason, message): the job is finished.
+- :class:`Succeed` / :class:`Fail` (reason, message): the job is finished. It succeeds
+  when every worker succeeded (``AllWorkersSucceeded``), or when every shard did
+  (``ShardsFinished``): a shard exits 0 only after each worker said it was done, so a worker
+  still running then is a replacement with nothing left to train, which the executor stops.
 - :class:`SetCondition`: a condition the executor should show: Created (nothing left to
   create), Running (every replica runs), Restarting (while a restarted or replaced replica
   is not running again; its message names them).
@@ -283,6 +286,15 @@ def decide(
             f"the job ran longer than activeDeadlineSeconds ({sup.active_deadline_seconds}s)",
         )
 
+    finished = _finished_by_shards(spec, replicas, state)
+    if finished is not None:
+        return Decision(
+            actions=(Succeed("ShardsFinished", finished),),
+            counters=SupervisionStatus(replicas=state, last_window=counters.last_window),
+            phase="Succeeded",
+            message=finished,
+        )
+
     new_window = progress is not None and progress.step > counters.last_window
     slow, measured, median = _slow_workers(spec, progress) if new_window else (set(), set(), None)
 
@@ -444,6 +456,31 @@ def decide(
     phase: JobPhase = "Running" if all_running or was_running else "Pending"
     message = _summary(spec, live, restarted)
     return Decision(tuple(actions), new_counters, phase, message)
+
+
+def _finished_by_shards(
+    spec: SGDJobSpec,
+    replicas: Sequence[ObservedReplica],
+    state: Mapping[str, ReplicaSupervision],
+) -> str | None:
+    """Why the job is finished although some worker has not succeeded; None if it is not.
+
+    A shard exits 0 only once every worker index said it was done (``Shard.should_exit``;
+    a signal makes it exit 128 + N). So when every current shard succeeded, the training is
+    over, and a worker still Pending or Running is a replacement that came up after its
+    previous attempt had finished (a straggler replaced as it finished, say). It would wait
+    for the shards' welcome forever, and the job with it."""
+    shards = [r for r in replicas if r.role == "ps" and not _stale(r, state)]
+    if len(shards) != spec.parameter_servers.shards or any(r.phase != "Succeeded" for r in shards):
+        return None
+    workers = [r for r in replicas if r.role == "worker" and not _stale(r, state)]
+    n_workers = spec.workers.replicas + spec.training.backup_workers
+    if len(workers) == n_workers and all(r.phase == "Succeeded" for r in workers):
+        return None  # the usual end: AllWorkersSucceeded
+    leftover = sorted(r.name for r in workers if r.phase != "Succeeded")
+    return f"all {len(shards)} parameter-server shards finished: every worker said it was done" + (
+        f"; {', '.join(leftover)} had nothing left to train" if leftover else ""
+    )
 
 
 def _stale(r: ObservedReplica, state: Mapping[str, ReplicaSupervision]) -> bool:
