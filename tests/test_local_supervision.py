@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from sgdjob import policy
 from sgdjob.api.validation import parse_job
 from sgdjob.launcher import LocalJob
 from tests.conftest import job_doc
@@ -182,12 +183,13 @@ def test_a_worker_that_gave_up_on_a_stalled_shard_is_restarted_and_the_job_compl
 
 
 def test_a_replacement_that_comes_up_after_the_shards_finished_does_not_hang_the_job(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The race the convergence bench hit: a straggler replaced just as it finished. The
     # shards had every worker's "done" and exited 0; the replacement waited for their welcome
     # forever, and so did the executor. Replayed here without the timing: after a clean run,
     # worker 1 starts again as attempt 1, as a straggler replacement would.
+    monkeypatch.setattr(policy, "SHARDS_FINISHED_GRACE_S", 2.0)  # 30 s in production
     doc = job_doc("late", workers={"replicas": 2}, training={"maxSteps": 20})
     lj = LocalJob(parse_job(doc), output=tmp_path, progress=False)
     try:

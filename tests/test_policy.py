@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from sgdjob.api.supervision import ReplicaSupervision, SupervisionStatus
 from sgdjob.api.validation import validate_spec
 from sgdjob.policy import (
+    SHARDS_FINISHED_GRACE_S,
     Create,
     Decision,
     Delete,
@@ -247,6 +248,17 @@ def test_all_workers_succeeded_succeeds_the_job() -> None:
     assert d.phase == "Succeeded"
 
 
+def done_shard(index: int = 0, *, ago: float, attempt: int = 0) -> ObservedReplica:
+    return ObservedReplica(
+        role="ps",
+        index=index,
+        phase="Succeeded",
+        exit_code=0,
+        attempt=attempt,
+        finished_at=NOW - ago,
+    )
+
+
 def test_all_shards_finished_succeeds_the_job_past_a_replacement_with_nothing_left_to_train() -> (
     None
 ):
@@ -256,21 +268,30 @@ def test_all_shards_finished_succeeds_the_job_past_a_replacement_with_nothing_le
     counters = seen(attempt=0)
     counters.replicas["worker-1"] = ReplicaSupervision(seen=True, attempt=1, replacements=1)
     observed = [
-        ObservedReplica(role="ps", index=0, phase="Succeeded", exit_code=0),
+        done_shard(ago=SHARDS_FINISHED_GRACE_S),
         ObservedReplica(role="worker", index=0, phase="Succeeded", exit_code=0),
         running("worker", 1, attempt=1),
     ]
     d = run(observed, counters)
-    message = "all 1 parameter-server shards finished: every worker said it was done; "
-    assert d.actions == (Succeed("ShardsFinished", message + "worker-1 had nothing left to train"),)
+    message = "all 1 parameter-server shards finished 30s ago: every worker said it was done; "
+    assert d.actions == (Succeed("ShardsFinished", message + "stopping worker-1, still running"),)
     assert d.phase == "Succeeded"
     # A replacement that failed there is not restarted either: the training is over.
     observed[2] = ObservedReplica(role="worker", index=1, phase="Failed", attempt=1, exit_code=137)
     assert kinds(run(observed, counters)) == ["Succeed"]
 
 
+def test_workers_get_a_grace_to_exit_on_their_own_after_the_shards_finished() -> None:
+    # Worker 0 writes its termination message (the final result) after shard 0 exited, and
+    # a kubelet may report the shard's exit before the worker's.
+    observed = [done_shard(ago=SHARDS_FINISHED_GRACE_S - 1), *all_running()[1:]]
+    assert not any(isinstance(a, Succeed) for a in run(observed, seen()).actions)
+    observed[0] = ObservedReplica(role="ps", index=0, phase="Succeeded", exit_code=0)
+    assert not any(isinstance(a, Succeed) for a in run(observed, seen()).actions)  # when: unknown
+
+
 def test_shards_that_finished_while_workers_succeed_end_the_job_the_usual_way() -> None:
-    observed = [ObservedReplica(role="ps", index=0, phase="Succeeded", exit_code=0)] + [
+    observed = [done_shard(ago=3600.0)] + [
         ObservedReplica(role="worker", index=i, phase="Succeeded", exit_code=0) for i in range(2)
     ]
     assert run(observed, seen()).actions == (
@@ -282,8 +303,8 @@ def test_shards_that_finished_while_workers_succeed_end_the_job_the_usual_way() 
     "shard",
     [
         ObservedReplica(role="ps", index=1, phase="Running"),
-        ObservedReplica(role="ps", index=1, phase="Failed", exit_code=143),
-        ObservedReplica(role="ps", index=1, phase="Succeeded", exit_code=0, attempt=0),
+        ObservedReplica(role="ps", index=1, phase="Failed", exit_code=143, finished_at=NOW - 60),
+        done_shard(1, ago=60.0, attempt=0),
     ],
     ids=["one shard still running", "one shard stopped by SIGTERM", "a stale shard attempt"],
 )
@@ -294,12 +315,7 @@ def test_the_job_is_not_finished_by_its_shards_unless_every_current_one_succeede
     counters.replicas["ps-1"] = ReplicaSupervision(
         seen=True, attempt=1 if shard.phase == "Succeeded" else 0
     )
-    observed = [
-        ObservedReplica(role="ps", index=0, phase="Succeeded", exit_code=0),
-        shard,
-        running("worker", 0),
-        running("worker", 1),
-    ]
+    observed = [done_shard(ago=60.0), shard, running("worker", 0), running("worker", 1)]
     d = decide(
         spec=spec(shards=2),
         replicas=observed,

@@ -3,7 +3,8 @@
 A pod becomes an :class:`sgdjob.policy.ObservedReplica` with its role, index and attempt from
 its labels, its phase (``Terminating`` once it has a deletionTimestamp), the trainer
 container's exit code, the most telling reason (OOMKilled, Evicted, ImagePullBackOff,
-Unschedulable, ...), its node and when it was created (the start of Pending).
+Unschedulable, ...), its node, when it was created (the start of Pending) and when its
+container terminated.
 """
 
 from __future__ import annotations
@@ -118,7 +119,14 @@ def observe_pod(pod: Mapping[str, Any]) -> ObservedReplica | None:
         reason=reason,
         node=(pod.get("spec") or {}).get("nodeName") or None,
         pending_since=parse_time(meta.get("creationTimestamp")),
+        finished_at=_finished_at(status) if phase in ("Succeeded", "Failed") else None,
     )
+
+
+def _finished_at(status: Mapping[str, Any]) -> float | None:
+    """When the trainer container terminated (``state.terminated.finishedAt``), if it did."""
+    terminated = (_container_status(status).get("state") or {}).get("terminated") or {}
+    return parse_time(terminated.get("finishedAt"))
 
 
 def is_ready(pod: Mapping[str, Any]) -> bool:

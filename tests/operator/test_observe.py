@@ -93,6 +93,19 @@ def test_a_pod_becomes_an_observed_replica(
     assert r.pending_since == parse_time("2026-01-01T00:00:00Z")
 
 
+def test_a_terminated_trainer_says_when_it_finished_and_a_running_one_does_not() -> None:
+    done = {"terminated": {"exitCode": 0, "finishedAt": "2026-01-01T00:05:00Z"}}
+    r = observe_pod(pod({"phase": "Succeeded", **trainer(done)}))
+    assert r is not None and r.finished_at == parse_time("2026-01-01T00:05:00Z")
+    # A restarted container's old termination (lastState) is not this one's end.
+    restarted = {"containerStatuses": [{"name": "trainer", "state": {"running": {}},
+                                        "lastState": done}]}  # fmt: skip
+    r = observe_pod(pod({"phase": "Running", **restarted}))
+    assert r is not None and r.finished_at is None
+    r = observe_pod(pod({"phase": "Failed", "reason": "Evicted"}))  # no container status
+    assert r is not None and r.finished_at is None
+
+
 def test_a_pod_being_deleted_is_terminating() -> None:
     r = observe_pod(pod({"phase": "Running"}, deletionTimestamp="2026-01-01T00:00:01Z"))
     assert r is not None and r.phase == "Terminating"

@@ -66,6 +66,7 @@ class Replica:
     proc: subprocess.Popen[bytes] | None = None
     attempt: int = 0
     exit_code: int | None = None
+    finished_at: float | None = None  # time.time() when poll() first saw it exit
     # CUDA_VISIBLE_DEVICES: the worker's own GPU, or "" (shards and CPU workers see none).
     gpus: str = ""
 
@@ -94,10 +95,13 @@ class Replica:
         )
         logf.close()
         self.exit_code = None
+        self.finished_at = None
 
     def poll(self) -> int | None:
         if self.proc is not None and self.exit_code is None:
             self.exit_code = self.proc.poll()
+            if self.exit_code is not None:
+                self.finished_at = time.time()
         return self.exit_code
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
@@ -274,7 +278,12 @@ class LocalJob:
             exit_code = None if code is None else (128 - code if code < 0 else code)
             out.append(
                 ObservedReplica(
-                    role=r.role, index=r.index, phase=phase, attempt=r.attempt, exit_code=exit_code
+                    role=r.role,
+                    index=r.index,
+                    phase=phase,
+                    attempt=r.attempt,
+                    exit_code=exit_code,
+                    finished_at=r.finished_at,
                 )
             )
         return out

@@ -34,8 +34,10 @@ Actions (all frozen dataclasses):
 - :class:`Delete` (role, index, reason): stop a leftover of an older attempt and wait.
 - :class:`Succeed` / :class:`Fail` (reason, message): the job is finished. It succeeds
   when every worker succeeded (``AllWorkersSucceeded``), or when every shard did
-  (``ShardsFinished``): a shard exits 0 only after each worker said it was done, so a worker
-  still running then is a replacement with nothing left to train, which the executor stops.
+  (``ShardsFinished``, ``SHARDS_FINISHED_GRACE_S`` after the last shard exited, by
+  ``finished_at``): a shard exits 0 only after each worker said it was done, so a worker
+  still running then has nothing left to do (a replacement that came up as its predecessor
+  finished), and the executor stops it.
 - :class:`SetCondition`: a condition the executor should show: Created (nothing left to
   create), Running (every replica runs), Restarting (while a restarted or replaced replica
   is not running again; its message names them).
@@ -96,6 +98,11 @@ from sgdjob.api.types import SGDJobSpec
 from sgdjob.contract import EXIT_MEANINGS, RETRYABLE_EXIT_CODES
 
 Role = Literal["ps", "worker"]
+# How long every shard must have been finished before workers still running are stopped
+# (``ShardsFinished``): a worker exits within a second of its DONE, a kubelet reports it
+# within a few.
+SHARDS_FINISHED_GRACE_S = 30.0
+
 Phase = Literal["Pending", "Running", "Succeeded", "Failed", "Terminating"]
 JobPhase = Literal["Pending", "Running", "Succeeded", "Failed"]
 
@@ -123,6 +130,7 @@ class ObservedReplica:
     reason: str = ""  # OOMKilled, Evicted, ImagePullBackOff, Unschedulable, ...
     node: str | None = None
     pending_since: float | None = None
+    finished_at: float | None = None  # when it exited (Succeeded, Failed), on ``now``'s clock
 
     @property
     def name(self) -> str:
@@ -286,7 +294,7 @@ def decide(
             f"the job ran longer than activeDeadlineSeconds ({sup.active_deadline_seconds}s)",
         )
 
-    finished = _finished_by_shards(spec, replicas, state)
+    finished = _finished_by_shards(spec, replicas, state, now)
     if finished is not None:
         return Decision(
             actions=(Succeed("ShardsFinished", finished),),
@@ -462,24 +470,35 @@ def _finished_by_shards(
     spec: SGDJobSpec,
     replicas: Sequence[ObservedReplica],
     state: Mapping[str, ReplicaSupervision],
+    now: float,
 ) -> str | None:
     """Why the job is finished although some worker has not succeeded; None if it is not.
 
     A shard exits 0 only once every worker index said it was done (``Shard.should_exit``;
-    a signal makes it exit 128 + N). So when every current shard succeeded, the training is
-    over, and a worker still Pending or Running is a replacement that came up after its
-    previous attempt had finished (a straggler replaced as it finished, say). It would wait
-    for the shards' welcome forever, and the job with it."""
+    a signal makes it exit 128 + N), and shard 0 only once worker 0 reported the final
+    evaluation, after writing the model. So when every current shard succeeded, the training
+    is over. A worker still Pending or Running ``SHARDS_FINISHED_GRACE_S`` later is not just
+    exiting after its DONE: it is a replacement that came up after its previous attempt had
+    finished (a straggler replaced as it finished, say), and it would wait for the shards'
+    welcome forever, and the job with it."""
     shards = [r for r in replicas if r.role == "ps" and not _stale(r, state)]
-    if len(shards) != spec.parameter_servers.shards or any(r.phase != "Succeeded" for r in shards):
+    if len(shards) != spec.parameter_servers.shards or any(
+        r.phase != "Succeeded" or r.finished_at is None for r in shards
+    ):
+        return None
+    # Time for a worker that said DONE to exit 0 on its own, and for a kubelet to report it:
+    # worker 0's pod carries the final result in its termination message.
+    if now - max(r.finished_at or 0.0 for r in shards) < SHARDS_FINISHED_GRACE_S:
         return None
     workers = [r for r in replicas if r.role == "worker" and not _stale(r, state)]
     n_workers = spec.workers.replicas + spec.training.backup_workers
     if len(workers) == n_workers and all(r.phase == "Succeeded" for r in workers):
         return None  # the usual end: AllWorkersSucceeded
     leftover = sorted(r.name for r in workers if r.phase != "Succeeded")
-    return f"all {len(shards)} parameter-server shards finished: every worker said it was done" + (
-        f"; {', '.join(leftover)} had nothing left to train" if leftover else ""
+    return (
+        f"all {len(shards)} parameter-server shards finished {SHARDS_FINISHED_GRACE_S:.0f}s "
+        "ago: every worker said it was done"
+        + (f"; stopping {', '.join(leftover)}, still running" if leftover else "")
     )
 
 
