@@ -23,7 +23,6 @@ from sgdjob.policy import (
     Succeed,
     cleanup_targets,
     decide,
-    is_retryable,
 )
 
 NOW = 1_000_000.0
@@ -438,26 +437,6 @@ def test_a_recreated_straggler_keeps_avoiding_its_old_node() -> None:
     assert Create("worker", 1, 1, ("node-1",)) in d.actions
 
 
-@pytest.mark.parametrize(
-    ("code", "reason", "retryable"),
-    [
-        (0, "", False),
-        (1, "", False),
-        (127, "", False),
-        (2, "", False),
-        (3, "", True),
-        (128, "", True),
-        (137, "", True),
-        (1, "OOMKilled", True),
-        (None, "", True),
-        (2, "Evicted", True),
-        (-9, "", True),
-    ],
-)
-def test_exit_classification(code: int | None, reason: str, retryable: bool) -> None:
-    assert is_retryable(code, reason) is retryable
-
-
 def test_clean_up_targets_follow_the_clean_pod_policy() -> None:
     reps = [
         running("ps", 0),
@@ -541,10 +520,3 @@ def test_any_observation_yields_a_consistent_decision(
     for a in replica_actions:
         if isinstance(a, (Create, Recreate)):
             assert a.attempt == d.counters.replicas[f"{a.role}-{a.index}"].attempt
-
-
-def test_every_exit_code_the_trainer_documents_is_classified_as_documented() -> None:
-    from sgdjob.contract import EXIT_ERROR, EXIT_MEANINGS, EXIT_PEER, EXIT_SPEC
-
-    assert set(EXIT_MEANINGS) == {0, EXIT_ERROR, EXIT_SPEC, EXIT_PEER}
-    assert [c for c in EXIT_MEANINGS if c and is_retryable(c, "")] == [EXIT_PEER]

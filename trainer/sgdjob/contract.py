@@ -46,7 +46,7 @@ ENV_RUN_ID = "SGDJOB_RUN_ID"
 ENV_DONE_WORKERS = "SGDJOB_DONE_WORKERS"
 
 # Exit codes of `sgdjob trainer`, the one place they are defined. The executors' policy
-# (sgdjob.policy.is_retryable) classifies them: EXIT_PEER and signals (>= 128) are retryable
+# (sgdjob.exits.is_retryable) classifies them: EXIT_PEER and signals (>= 128) are retryable
 # within supervision.maxRestarts; EXIT_ERROR and EXIT_SPEC are the program's own errors and
 # fail the job at once.
 EXIT_OK = 0  # done

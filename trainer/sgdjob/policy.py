@@ -48,16 +48,8 @@ down; one observed with a newer attempt than the counters know is adopted (the c
 not persisted after a create): so an executor restarted mid-job neither duplicates nor
 double counts.
 
-Failure classification (workers): exit code 0 is success; OOMKilled, Evicted, Deleted (gone
-after being seen), Preempted, NodeLost, Shutdown and exit codes >= 128 (killed by a signal)
-are retryable and restart the replica while ``supervision.maxRestarts`` lasts, and so is the
-trainer's exit code 3 (``sgdjob.contract.EXIT_PEER``: a peer stopped answering, e.g. a shard
-that is being restarted or is still Pending); the other exit codes 1..127 are permanent
-(1 an error, 2 an invalid spec or contract) and fail the job at once. The exit codes
-themselves are defined in ``sgdjob.contract``.
-A local executor reports a process killed by signal N (``Popen.returncode == -N``) as exit
-code 128 + N, as a container runtime does, so both executors classify alike (a negative
-code is also taken as a signal).
+Failure classification (which exits are retryable, and how an exit reads in a message) is
+``sgdjob.exits``'s.
 A failed shard is restarted like a worker (same classification, same budget) when the
 executor says its checkpoints survive it (``shards_recoverable``: the local executor with
 ``checkpoint.every`` set; the operator when, in addition, the output is a PersistentVolumeClaim
@@ -95,22 +87,16 @@ from typing import Literal
 
 from sgdjob.api.supervision import ReplicaSupervision, SupervisionStatus
 from sgdjob.api.types import SGDJobSpec
-from sgdjob.contract import EXIT_MEANINGS, RETRYABLE_EXIT_CODES
+from sgdjob.exits import describe_exit, is_retryable
 
 Role = Literal["ps", "worker"]
+Phase = Literal["Pending", "Running", "Succeeded", "Failed", "Terminating"]
+JobPhase = Literal["Pending", "Running", "Succeeded", "Failed"]
+
 # How long every shard must have been finished before workers still running are stopped
 # (``ShardsFinished``): a worker exits within a second of its DONE, a kubelet reports it
 # within a few.
 SHARDS_FINISHED_GRACE_S = 30.0
-
-Phase = Literal["Pending", "Running", "Succeeded", "Failed", "Terminating"]
-JobPhase = Literal["Pending", "Running", "Succeeded", "Failed"]
-
-# Reasons that mean "the machine or the platform took it away", not "the program is wrong".
-RETRYABLE_REASONS = frozenset(
-    {"OOMKilled", "Evicted", "Deleted", "Preempted", "NodeLost", "Shutdown", "Terminated"}
-)
-SIGNAL_EXIT_BASE = 128
 
 
 def replica_name(role: Role, index: int) -> str:
@@ -208,27 +194,6 @@ def expected_replicas(spec: SGDJobSpec) -> list[tuple[Role, int]]:
     shards: list[tuple[Role, int]] = [("ps", k) for k in range(spec.parameter_servers.shards)]
     n = spec.workers.replicas + spec.training.backup_workers
     return shards + [("worker", i) for i in range(n)]
-
-
-def is_retryable(exit_code: int | None, reason: str) -> bool:
-    """Signals, platform kills and "a peer stopped answering" are retryable; other exits not."""
-    if reason in RETRYABLE_REASONS or exit_code in RETRYABLE_EXIT_CODES:
-        return True
-    if exit_code is None:
-        # Failed without a container exit code: the node or the kubelet lost it.
-        return True
-    # Negative: a Popen returncode for a signal, in case an executor passes it unconverted.
-    return exit_code < 0 or exit_code >= SIGNAL_EXIT_BASE
-
-
-def describe_exit(exit_code: int | None, reason: str) -> str:
-    parts = []
-    if exit_code is not None:
-        meaning = EXIT_MEANINGS.get(exit_code) if exit_code else None
-        parts.append(f"exit code {exit_code}" + (f": {meaning}" if meaning else ""))
-    if reason:
-        parts.append(reason)
-    return ", ".join(parts) or "no exit code"
 
 
 def cleanup_targets(
