@@ -112,7 +112,8 @@ def test_the_operator_package_imports_no_torch_no_zmq_and_only_allowed_sgdjob_mo
         "import sys; import sgdjob_operator.entry, sgdjob_operator.handlers; "
         "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'zmq')]; "
         "ours = {m for m in sys.modules if m.startswith('sgdjob.')}; "
-        "allowed = ('sgdjob.api', 'sgdjob.contract', 'sgdjob.policy', 'sgdjob.exits', 'sgdjob.curvekeys'); "
+        "allowed = ('sgdjob.api', 'sgdjob.contract', 'sgdjob.policy', 'sgdjob.exits', "
+        "'sgdjob.curvekeys'); "
         "extra = [m for m in ours if not m.startswith(allowed)]; "
         "assert not bad and not extra, (bad, extra)"
     )
